@@ -1,0 +1,33 @@
+# The README's two commands: `make serve` (set up, export, serve) and `make test` (the whole suite).
+PY      := .venv/bin/python
+MODEL   ?= minilm_text
+PYTEST_ARGS ?=
+SERVE_ARGS  ?=
+PERF_ARGS   ?=
+
+.PHONY: serve test setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
+
+serve: export ## set up, export the default models, run tritonserver on 127.0.0.1 (Ctrl-C stops)
+	$(PY) -m serve.launcher $(SERVE_ARGS)
+
+test: export ## the whole test suite against real servers
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+setup: ## .venv with pinned deps, tritonserver 2.51 (pytriton wheel), perf_analyzer
+	bash serve/setup.sh
+
+export: setup ## every default model of the repository (ONNX encoders, text pipeline, tiny LLM)
+	$(PY) -m export
+
+export-trt: setup ## TensorRT engines (needs TensorRT: see docs/tensorrt.md)
+	$(PY) -m export.trt $(TRT_ARGS)
+
+doctor: setup ## check this host for serving the repository
+	$(PY) -m serve.doctor $(SERVE_ARGS)
+
+perf: setup ## perf_analyzer against a running server: make perf MODEL=minilm PERF_ARGS="--concurrency-range 1:16:4"
+	$(PY) -m serve.perf -m $(MODEL) $(PERF_ARGS)
+
+clean: ## remove generated artifacts (not the venv)
+	rm -rf build
+	git clean -fdX model_repository tests/golden

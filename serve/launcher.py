@@ -1,0 +1,361 @@
+"""Start a real tritonserver over a model repository, safely, and stop it cleanly.
+
+Library: `TritonServer(ServerOptions(...))` (a context manager) used by `make serve`, the tests and
+the benchmarks. CLI: `python -m serve.launcher --help`.
+
+Refuses to start (SetupError, with a fix) when numpy >= 2 is in the model environment, a port is
+taken, or a model's artifacts are missing. Admin APIs are restricted behind a header token on HTTP
+and gRPC (Triton 2.51 has published CVEs in those surfaces).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serve import environment, paths
+from serve.environment import SetupError
+from serve.repository import check_repository
+
+# APIs only operators need; inference, health, metadata and model-config stay open.
+ADMIN_APIS = ("shared-memory", "model-repository", "logging", "trace", "statistics")
+ADMIN_HEADER = "admin-token"  # lower case: gRPC metadata keys must be
+# Triton 2.51 expects the gRPC metadata key with this prefix (HTTP uses the bare key).
+ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+ADMIN_TOKEN_ENV = "TRITON_ADMIN_TOKEN"
+ADMIN_TOKEN_FILE = paths.BUILD_DIR / "admin-token"
+
+
+def default_admin_token() -> str:
+    """TRITON_ADMIN_TOKEN, else a random token kept (mode 600) in build/admin-token."""
+    if os.environ.get(ADMIN_TOKEN_ENV):
+        return os.environ[ADMIN_TOKEN_ENV]
+    if not ADMIN_TOKEN_FILE.exists():
+        ADMIN_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(ADMIN_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return ADMIN_TOKEN_FILE.read_text().strip()
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path = paths.MODEL_REPOSITORY
+    host: str = "127.0.0.1"  # loopback unless asked: the admin surfaces must not face a network
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    admin_token: str | None = None  # None: default_admin_token()
+    exit_timeout_secs: int = 10  # in-flight requests get this long at shutdown
+    ready_timeout_s: float = 300.0  # model loads (ONNX sessions, LLM weights) on 2 cores take a while
+    strict_readiness: bool = True  # ready only when every model is
+    shm_default_byte_size: int = 16 * 1024 * 1024  # per Python-backend instance, in /dev/shm
+    shm_growth_byte_size: int = 16 * 1024 * 1024
+    log_verbose: int = 0
+    log_file: Path | None = None  # None: build/logs/tritonserver-<http_port>.log
+    model_env: Path | None = None  # venv whose python3 the stub embeds; None: the launcher's own
+    extra_args: list[str] = field(default_factory=list)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_args(o: ServerOptions, backends: Path, token: str, shm_prefix: str) -> list[str]:
+    restricted = ",".join(ADMIN_APIS) + f":{ADMIN_HEADER}={token}"
+    return [
+        str(environment.tritonserver_bin()),
+        f"--model-repository={o.model_repository}",
+        f"--backend-directory={backends}",
+        "--model-control-mode=none",
+        "--disable-auto-complete-config",  # our configs are complete, generated from the spec
+        f"--strict-readiness={str(o.strict_readiness).lower()}",
+        f"--exit-timeout-secs={o.exit_timeout_secs}",
+        f"--http-address={o.host}",
+        f"--http-port={o.http_port}",
+        f"--grpc-address={o.host}",
+        f"--grpc-port={o.grpc_port}",
+        f"--metrics-address={o.host}",
+        f"--metrics-port={o.metrics_port}",
+        "--allow-metrics=true",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
+        f"--backend-config=python,shm-default-byte-size={o.shm_default_byte_size}",
+        f"--backend-config=python,shm-growth-byte-size={o.shm_growth_byte_size}",
+        # A per-server prefix lets shutdown find (and tests assert on) this server's regions only.
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        f"--log-verbose={o.log_verbose}",
+        *o.extra_args,
+    ]
+
+
+class TritonServer:
+    """One tritonserver process. `with TritonServer(opts) as s:` starts it and waits until ready."""
+
+    def __init__(self, options: ServerOptions | None = None):
+        self.options = options or ServerOptions()
+        self.admin_token = self.options.admin_token or default_admin_token()
+        self.shm_prefix = f"triton_py_{os.getpid()}_{self.options.http_port}_"
+        self.log_path = Path(
+            self.options.log_file or paths.BUILD_DIR / "logs" / f"tritonserver-{self.options.http_port}.log"
+        )
+        self.process: subprocess.Popen | None = None
+
+    # ---- endpoints
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that unlock the admin APIs."""
+        return {ADMIN_HEADER: self.admin_token}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """gRPC metadata that unlocks the admin protocols."""
+        return {ADMIN_GRPC_HEADER: self.admin_token}
+
+    # ---- lifecycle
+    def preflight(self) -> tuple[dict[str, str], str]:
+        """Every refusal happens here, before a process exists. Returns (server env, model Python X.Y)."""
+        o = self.options
+        env = environment.server_env(o.model_env)
+        python_version = environment.check_model_python(env)
+        taken = [p for p in (o.http_port, o.grpc_port, o.metrics_port) if not port_is_free(o.host, p)]
+        if taken:
+            raise SetupError(
+                f"port(s) {taken} on {o.host} already in use; stop what holds them "
+                f"(`ss -ltnp | grep -E ':({'|'.join(map(str, taken))})\\b'`) or choose others with "
+                "--http-port/--grpc-port/--metrics-port"
+            )
+        problems = check_repository(Path(o.model_repository))
+        if problems:
+            raise SetupError("model repository is not ready:\n  " + "\n  ".join(map(str, problems)))
+        return env, python_version
+
+    def start(self) -> "TritonServer":
+        env, python_version = self.preflight()
+        backends = environment.assemble_backends(python_version)
+        args = server_args(self.options, backends, self.admin_token, self.shm_prefix)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        # Own process group: Ctrl-C in a terminal reaches the launcher only, which then stops the
+        # server and (via the group) every stub process in order.
+        self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float | None = None) -> "TritonServer":
+        deadline = time.monotonic() + (timeout_s or self.options.ready_timeout_s)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SetupError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise SetupError(f"tritonserver not ready after {timeout_s or self.options.ready_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stub_pids(self) -> list[int]:
+        """Stub processes of this server (their command line holds this server's shm prefix)."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if environment.STUB_NAME.encode() in cmdline and self.shm_prefix.encode() in cmdline:
+                pids.append(int(proc.name))
+        return pids
+
+    def shm_regions(self) -> list[Path]:
+        return sorted(Path("/dev/shm").glob(self.shm_prefix + "*"))
+
+    def stop(self) -> int | None:
+        """SIGINT (graceful: in-flight requests finish within exit-timeout), then kill what is left."""
+        p = self.process
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout=self.options.exit_timeout_secs + 20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        # Stubs normally exit with the server; anything left in its group goes now.
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in self.stub_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
+        return p.returncode
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def example_request(server: TritonServer) -> str:
+    return (
+        f"curl -s {server.http_url}/v2/health/ready -o /dev/null -w '%{{http_code}}\\n'\n"
+        f"  curl -s {server.http_url}/v2/models/minilm_text/infer -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"inputs\":[{\"name\":\"text\",\"datatype\":\"BYTES\",\"shape\":[1],\"data\":[\"hello world\"]}]}'\n"
+        f"  .venv/bin/python -m clients.embed -u {server.grpc_url} 'hello world'"
+    )
+
+
+def _follow(path: Path, stop: threading.Event, start_at: int) -> None:
+    """Print the server log as it grows (the foreground `make serve` experience)."""
+    with open(path, "rb") as f:
+        f.seek(start_at)
+        while not stop.is_set():
+            line = f.readline()
+            if line:
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+
+
+def serve_forever(options: ServerOptions, quiet: bool = False) -> int:
+    """CLI body: start, print endpoints, follow the log until Ctrl-C/SIGTERM, stop cleanly."""
+    server = TritonServer(options)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        server.start()
+        print(f"tritonserver starting (log: {server.log_path}) ...", flush=True)
+        server.wait_ready()
+    except SetupError as e:
+        server.stop()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"\nTriton is ready.\n  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
+        f"  metrics  {server.metrics_url}\n  admin APIs ({', '.join(ADMIN_APIS)}) need HTTP header "
+        f"'{ADMIN_HEADER}' / gRPC metadata '{ADMIN_GRPC_HEADER}' = <token in {ADMIN_TOKEN_FILE if not os.environ.get(ADMIN_TOKEN_ENV) else '$' + ADMIN_TOKEN_ENV}>'\n"
+        f"Try:\n  {example_request(server)}\nCtrl-C stops the server.\n",
+        flush=True,
+    )
+    follower = None
+    if not quiet:
+        follower = threading.Thread(target=_follow, args=(server.log_path, stop, server.log_path.stat().st_size), daemon=True)
+        follower.start()
+    while not stop.is_set() and server.process.poll() is None:
+        stop.wait(0.5)
+    died = server.process.poll() is not None
+    stop.set()
+    print("\nstopping tritonserver ...", flush=True)
+    code = server.stop()
+    left = server.stub_pids() + server.shm_regions()
+    print(f"tritonserver exited ({code}); leftover stubs/shm regions: {left or 'none'}", flush=True)
+    if died:
+        print(server.log_tail(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    d = ServerOptions()
+    p.add_argument("--model-repository", type=Path, default=d.model_repository)
+    p.add_argument("--host", default=d.host, help="address to bind (default loopback)")
+    p.add_argument("--http-port", type=int, default=d.http_port)
+    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port)
+    p.add_argument("--exit-timeout-secs", type=int, default=d.exit_timeout_secs)
+    p.add_argument("--ready-timeout", type=float, default=d.ready_timeout_s, dest="ready_timeout_s")
+    p.add_argument("--shm-default-byte-size", type=int, default=d.shm_default_byte_size)
+    p.add_argument("--log-verbose", type=int, default=d.log_verbose)
+    p.add_argument("--model-env", type=Path, default=d.model_env, help="venv the Python models run in (default: this one)")
+
+
+def options_from_args(a: argparse.Namespace, extra: list[str]) -> ServerOptions:
+    return ServerOptions(
+        model_repository=a.model_repository.resolve(),
+        host=a.host,
+        http_port=a.http_port,
+        grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port,
+        exit_timeout_secs=a.exit_timeout_secs,
+        ready_timeout_s=a.ready_timeout_s,
+        shm_default_byte_size=a.shm_default_byte_size,
+        log_verbose=a.log_verbose,
+        model_env=a.model_env,
+        extra_args=extra,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Run tritonserver over the model repository (loopback, admin APIs behind a token). "
+        "Arguments after `--` go to tritonserver unchanged."
+    )
+    add_server_args(p)
+    p.add_argument("--quiet", action="store_true", help="do not follow the server log on stdout")
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    return serve_forever(options_from_args(a, extra), quiet=a.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

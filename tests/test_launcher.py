@@ -1,0 +1,186 @@
+"""The launcher's refusals, its admin-API restriction and its clean shutdown, against real servers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from serve import environment
+from serve.launcher import ADMIN_HEADER, SetupError, TritonServer, server_args
+from serve.paths import REPO_ROOT
+from serve.repository import check_repository
+from tests.server_fixtures import server_options, write_add_one_model
+
+pytestmark = pytest.mark.server
+
+
+def http(url: str, data: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=json.dumps(data).encode() if data is not None else None, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def add_one_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    write_add_one_model(repo)
+    with TritonServer(server_options(repo)) as server:
+        yield server
+
+
+def run_launcher(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serve.launcher", "--quiet", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **kw,
+    )
+
+
+def test_infer_through_python_backend(add_one_server):
+    status, body = http(
+        f"http://{add_one_server.http_url}/v2/models/add_one/infer",
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]},
+    )
+    assert status == 200, body
+    assert json.loads(body)["outputs"][0]["data"] == [2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("path", ["/v2/models/stats", "/v2/repository/index", "/v2/logging", "/v2/trace/setting"])
+def test_admin_http_api_needs_token(add_one_server, path):
+    url = f"http://{add_one_server.http_url}{path}"
+    data = {} if path == "/v2/repository/index" else None
+    assert http(url, data)[0] == 403
+    assert http(url, data, {ADMIN_HEADER: "wrong"})[0] == 403
+    assert http(url, data, add_one_server.admin_headers)[0] == 200
+
+
+def test_admin_grpc_api_needs_token(add_one_server):
+    client = grpcclient.InferenceServerClient(add_one_server.grpc_url)
+    with pytest.raises(InferenceServerException) as e:
+        client.get_inference_statistics("add_one")
+    assert "This protocol is restricted" in str(e.value)
+    for wrong in ({}, add_one_server.admin_headers, {"triton-grpc-protocol-admin-token": "wrong"}):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_model_repository_index(headers=wrong)
+    assert client.get_model_repository_index(headers=add_one_server.admin_grpc_headers).models[0].name == "add_one"
+    stats = client.get_inference_statistics("add_one", headers=add_one_server.admin_grpc_headers)
+    assert stats.model_stats[0].name == "add_one"
+    # Inference and health stay open.
+    assert client.is_server_ready() and client.is_model_ready("add_one")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a LISTEN socket on `port`, read from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+def test_server_listens_on_loopback_only(add_one_server):
+    o = add_one_server.options
+    for port in (o.http_port, o.grpc_port, o.metrics_port):
+        # 127.0.0.1 as little-endian hex, plain or IPv4-mapped (::ffff:127.0.0.1, how gRPC binds it).
+        assert listening_addresses(port) <= {"0100007F", "0000000000000000FFFF00000100007F"}, port
+        assert listening_addresses(port), port
+
+
+def test_refuses_numpy_2_in_model_env(tmp_path):
+    """A venv whose numpy reports 2.x: the launcher must refuse before starting anything."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
+    site = next((tmp_path / "env" / "lib").glob("python3.*/site-packages"))
+    (site / "numpy").mkdir()
+    (site / "numpy" / "__init__.py").write_text("__version__ = '2.1.3'\n")
+    out = run_launcher("--model-env", str(tmp_path / "env"), "--http-port", "0")
+    assert out.returncode == 1
+    assert "numpy 2.1.3 is in the model environment" in out.stderr and "numpy<2" in out.stderr
+    assert "tritonserver starting" not in out.stdout
+
+
+def test_refuses_busy_port(tmp_path):
+    write_add_one_model(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        opts = server_options(tmp_path)
+        opts.grpc_port = port
+        with pytest.raises(SetupError, match=rf"port\(s\) \[{port}\] on 127.0.0.1 already in use"):
+            TritonServer(opts).start()
+
+
+def test_refuses_missing_artifacts_and_names_the_export_command(tmp_path):
+    model = write_add_one_model(tmp_path, "encoder")
+    (model / "config.pbtxt").write_text((model / "config.pbtxt").read_text().replace('backend: "python"', 'backend: "onnxruntime"'))
+    problems = check_repository(tmp_path)
+    assert [str(p) for p in problems] == [f"model 'encoder': missing {model / '1' / 'model.onnx'} (fix: make export)"]
+    out = run_launcher("--model-repository", str(tmp_path))
+    assert out.returncode == 1
+    assert "missing" in out.stderr and "model.onnx" in out.stderr and "make export" in out.stderr
+
+
+def test_startup_failure_shows_log_tail(tmp_path):
+    model = write_add_one_model(tmp_path)
+    (model / "1" / "model.py").write_text("raise RuntimeError('boom at import')\n")
+    with pytest.raises(SetupError) as e:
+        with TritonServer(server_options(tmp_path, ready_timeout_s=60)):
+            pass
+    assert "boom at import" in str(e.value)
+
+
+def test_sigterm_stops_cleanly_leaving_no_stub_or_shm(tmp_path):
+    write_add_one_model(tmp_path)
+    opts = server_options(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.launcher", "--quiet", "--model-repository", str(tmp_path),
+         "--http-port", str(opts.http_port), "--grpc-port", str(opts.grpc_port), "--metrics-port", str(opts.metrics_port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    prefix = f"triton_py_{proc.pid}_{opts.http_port}_"
+    probe = TritonServer(opts)
+    probe.shm_prefix = prefix  # look for that server's stubs and regions
+    deadline = time.monotonic() + 120
+    while not probe.is_ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.25)
+    assert probe.stub_pids(), "a running Python model has a stub process"
+    assert probe.shm_regions(), "and a /dev/shm region"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "leftover stubs/shm regions: none" in out
+    assert probe.stub_pids() == [] and probe.shm_regions() == []
+    assert not probe.is_ready()
+
+
+def test_backend_dir_has_matching_stub_and_project_backends():
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backends = environment.assemble_backends(version)
+    assert (backends / "python" / environment.STUB_NAME).exists()
+    assert (backends / "python" / "libtriton_python.so").exists()
+    for model_py in (REPO_ROOT / "backends").glob("*/model.py"):
+        assert (backends / model_py.parent.name / "model.py").exists()
+
+
+def test_server_env_puts_model_venv_first(tmp_path):
+    env = environment.server_env(tmp_path)
+    assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0].endswith("nvidia_pytriton.libs")
+    assert "PYTHONPATH" not in env
