@@ -15,6 +15,7 @@ from pathlib import Path
 
 from export import pbtxt
 from serve import paths
+from serve.launcher import ADMIN_GRPC_HEADER, ADMIN_HEADER, default_admin_token
 
 DEFAULT_SEQUENCE = 16  # tokens per text for variable dims: short sentences, as in the benchmarks
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -48,9 +49,12 @@ def llm_input_data(config, prompt: str, max_tokens: int) -> dict:
 
 
 def perf_command(model: str, url: str, protocol: str, repo: Path, extra: list[str], sequence: int,
-                 data_dir: Path) -> list[str]:
+                 data_dir: Path, admin_token: str) -> list[str]:
     config = pbtxt.read(repo / model)
-    cmd = [str(paths.perf_analyzer_bin()), "-m", model, "-u", url, "-i", protocol, *shape_args(config, sequence)]
+    # perf_analyzer reads server-side statistics, an admin API: send the token.
+    header = f"{ADMIN_GRPC_HEADER if protocol == 'grpc' else ADMIN_HEADER}:{admin_token}"
+    cmd = [str(paths.perf_analyzer_bin()), "-m", model, "-u", url, "-i", protocol, "-H", header,
+           *shape_args(config, sequence)]
     if config.model_transaction_policy.decoupled:
         doc = data_dir / f"{model}-input.json"
         doc.write_text(json.dumps(llm_input_data(config, DEFAULT_PROMPT, DEFAULT_MAX_TOKENS)))
@@ -65,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-i", "--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--model-repository", type=Path, default=paths.MODEL_REPOSITORY)
     p.add_argument("--sequence", type=int, default=DEFAULT_SEQUENCE, help="size used for variable dims")
+    p.add_argument("--admin-token", default=None, help="default: $TRITON_ADMIN_TOKEN or build/admin-token")
     a, extra = p.parse_known_args(argv)
     url = a.url or ("127.0.0.1:8001" if a.protocol == "grpc" else "127.0.0.1:8000")
     if not (a.model_repository / a.model / "config.pbtxt").exists():
         print(f"error: no model '{a.model}' in {a.model_repository}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = perf_command(a.model, url, a.protocol, a.model_repository, extra, a.sequence, Path(tmp))
-        print("+", " ".join(cmd), flush=True)
+        token = a.admin_token or default_admin_token()
+        cmd = perf_command(a.model, url, a.protocol, a.model_repository, extra, a.sequence, Path(tmp), token)
+        print("+", " ".join(cmd).replace(token, "<admin-token>"), flush=True)
         return subprocess.run(cmd, env=perf_env()).returncode
 
 
