@@ -4,6 +4,7 @@ MODEL   ?= minilm_text
 PYTEST_ARGS ?=
 SERVE_ARGS  ?=
 PERF_ARGS   ?=
+TRT_ARGS    ?=
 
 .PHONY: serve test setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
 
@@ -21,6 +22,9 @@ export: setup ## every default model of the repository (ONNX encoders, text pipe
 
 export-trt: setup ## TensorRT engines (needs TensorRT: see docs/tensorrt.md)
 	$(PY) -m export.trt $(TRT_ARGS)
+
+export-trt-docker: export ## TensorRT engines built in nvcr.io/nvidia/tensorrt:24.10-py3 (= the serving container's TensorRT 10.5)
+	bash docker/build_engines.sh $(TRT_ARGS)
 
 doctor: setup ## check this host for serving the repository
 	$(PY) -m serve.doctor $(SERVE_ARGS)

@@ -36,7 +36,14 @@ class Axis:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Per-output acceptance: max abs diff and min cosine similarity against the reference."""
+    """Per-output acceptance: max abs diff and min cosine similarity against the reference.
+
+    How export/validate.py applies them (the server tests replay the same check from the goldens):
+    outputs with a "sequence" axis are compared at valid tokens only (attention_mask == 1; padded
+    positions carry no meaning and are dropped by pooling); `max_abs` bounds the largest element-wise
+    difference; `min_cosine` bounds the smallest per-sequence cosine between the flattened valid
+    part of the output and of the reference.
+    """
 
     max_abs: float
     min_cosine: float
@@ -66,13 +73,25 @@ class EncoderSpec:
     tolerances: dict[str, Tolerance]  # keyed by precision variant
     batching: Batching = field(default_factory=Batching)
     cpu_instances: int = 1
+    vocab_size: int = 30522  # input_ids must lie in [0, vocab_size): validation and warmup data
+    opset: int = 17  # ONNX opset of the exported graphs (native LayerNormalization needs >= 17)
 
     @property
     def max_batch_size(self) -> int:
         return self.axes["batch"].max
 
     def variant_name(self, precision: str) -> str:
-        return self.name if precision == "fp32" else f"{self.name}_{precision}"
+        assert precision in VARIANT_SUFFIX, f"unknown precision {precision!r}; known: {list(VARIANT_SUFFIX)}"
+        return self.name + VARIANT_SUFFIX[precision]
+
+    def precision_of(self, model_name: str) -> str | None:
+        """Inverse of variant_name: 'minilm_int8' -> 'int8_static'; None for other models."""
+        return {self.variant_name(p): p for p in VARIANT_SUFFIX}.get(model_name)
+
+
+# Precision variant -> model name suffix. "int8" (the served int8 model) is the statically
+# calibrated QDQ one; the dynamic-quantized one keeps its longer name.
+VARIANT_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8_dynamic": "_int8_dynamic", "int8_static": "_int8"}
 
 
 @dataclass(frozen=True)
@@ -100,8 +119,11 @@ MINILM = EncoderSpec(
     tolerances={
         "fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
         "fp16": Tolerance(max_abs=2e-2, min_cosine=0.999),
-        "int8_dynamic": Tolerance(max_abs=1.0, min_cosine=0.95),
-        "int8_static": Tolerance(max_abs=1.0, min_cosine=0.95),
+        # int8: a few hidden-state channels carry outliers (|x| ~ 10), so one element can move by ~1
+        # (measured max_abs 0.5-0.95 over the validation shapes; per-sequence cosine 0.97-0.985).
+        # The bound that matters is cosine; max_abs only catches a broken graph.
+        "int8_dynamic": Tolerance(max_abs=2.0, min_cosine=0.95),
+        "int8_static": Tolerance(max_abs=2.0, min_cosine=0.95),
     },
     batching=Batching(max_queue_delay_us=500, preferred_batch_sizes=(8, 16, 32, 64)),
 )
@@ -141,14 +163,21 @@ class TextPipelineSpec:
     """Text in, normalized sentence embedding out: tokenizer -> encoder -> mean pooling -> L2 norm.
 
     Served with max_batch_size 0 so a request is a plain `[N]` string tensor and the response `[N, dim]`;
-    requests are batched together by the encoder's dynamic batcher, concurrency comes from `instances`."""
+    requests are batched together by the encoder's dynamic batcher (an ensemble keeps any number of
+    requests in flight towards it; see docs/embeddings.md)."""
 
     name: str
     encoder: EncoderSpec
     text: Tensor  # [N] BYTES (UTF-8)
     embedding: Tensor  # [N, hidden] FP32, L2-normalized
     encoder_precision: str = "fp32"  # which encoder variant the pipeline calls (config parameter)
-    instances: int = 4  # pipeline model instances: requests in flight to the encoder's batcher
+    instances: int = 2  # instances of each Python step (tokenize, pool; or the BLS model)
+    # Token lengths requests are padded up to: Triton batches only equal shapes, so nearby lengths must
+    # share one to be batched at the encoder; steps <= 1.5x bound the wasted work.
+    seq_buckets: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128)
+
+    def __post_init__(self):
+        assert self.seq_buckets[-1] == self.encoder.max_seq_len, "the last bucket must be max_seq_len"
 
     @property
     def max_texts(self) -> int:

@@ -96,7 +96,7 @@ def _engine_problems(model_dir: Path) -> list[Problem]:
         from export.trt import check_engine_compat
     except ImportError:
         return []
-    return [Problem(model_dir.name, msg, "rebuild the engine on this host: make export-trt") for msg in check_engine_compat(model_dir)]
+    return [Problem(model_dir.name, msg, "rebuild the engine for this host: make export-trt-docker (docs/tensorrt.md)") for msg in check_engine_compat(model_dir)]
 
 
 def check_repository(repo: Path) -> list[Problem]:
