@@ -6,7 +6,7 @@ SERVE_ARGS  ?=
 PERF_ARGS   ?=
 TRT_ARGS    ?=
 
-.PHONY: serve test setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
+.PHONY: serve test test-llm export-llm-gpu setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
 
 serve: export ## set up, export the default models, run tritonserver on 127.0.0.1 (Ctrl-C stops)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
@@ -31,6 +31,13 @@ doctor: setup ## check this host for serving the repository
 
 perf: setup ## perf_analyzer against a running server: make perf MODEL=minilm PERF_ARGS="--concurrency-range 1:16:4"
 	$(PY) -m serve.perf -m $(MODEL) $(PERF_ARGS)
+
+test-llm: setup ## LLM engine + server tests only
+	$(PY) -m pytest -q tests/test_llm_engine.py tests/test_llm_server.py $(PYTEST_ARGS)
+
+export-llm-gpu: setup ## random TinyLlama/Llama-3.1-8B-shaped LLMs (run on the GPU host)
+	$(PY) -m export.llm --random-shape tinyllama-1.1b --device cuda --kind gpu --name tinyllama
+	$(PY) -m export.llm --random-shape llama-3.1-8b --device cuda --kind gpu --name llama8b
 
 clean: ## remove generated artifacts (not the venv)
 	rm -rf build

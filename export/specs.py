@@ -101,7 +101,7 @@ class LLMSpec:
     name: str
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-    max_batch_size: int = 0  # the engine batches itself (continuous batching)
+    max_batch_size: int  # Triton-side batching; the engine itself batches continuously
 
 
 MINILM = EncoderSpec(
@@ -132,6 +132,9 @@ MINILM = EncoderSpec(
 # (`tensorrtllm` converter), the HTTP generate endpoints and perf_analyzer.
 LLM_IO = LLMSpec(
     name="llm",
+    # 1: requests arrive as [1, ...] ([[prompt]]), the shape the OpenAI frontend and genai-perf send;
+    # the engine batches by itself (continuous batching), not Triton's batcher.
+    max_batch_size=1,
     inputs=(
         Tensor("text_input", "BYTES", (1,)),
         Tensor("max_tokens", "INT32", (1,), optional=True),
@@ -140,6 +143,8 @@ LLM_IO = LLMSpec(
         Tensor("top_p", "FP32", (1,), optional=True),
         Tensor("top_k", "INT32", (1,), optional=True),
         Tensor("seed", "UINT64", (1,), optional=True),
+        # Triton's OpenAI frontend names the seed `random_seed` for non-vLLM backends.
+        Tensor("random_seed", "UINT64", (1,), optional=True),
         Tensor("stop_words", "BYTES", (-1,), optional=True),
         Tensor("exclude_input_in_output", "BOOL", (1,), optional=True),
         Tensor("return_num_input_tokens", "BOOL", (1,), optional=True),

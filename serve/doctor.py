@@ -29,9 +29,8 @@ class Check:
 
 def check_numpy(env: dict[str, str]) -> Check:
     try:
-        environment.check_model_python(env)
-        _, version = environment.probe_model_python(env)
-        return Check("numpy < 2 in model env", True, f"numpy {version}")
+        model = environment.check_model_python(env)
+        return Check("numpy < 2 in model env", True, f"numpy {model.numpy}")
     except environment.SetupError as e:
         return Check("numpy < 2 in model env", False, str(e), "make setup (pins numpy==1.26.4)")
 
@@ -39,21 +38,38 @@ def check_numpy(env: dict[str, str]) -> Check:
 def check_stub(env: dict[str, str]) -> Check:
     name = "stub matches model Python"
     try:
-        version, _ = environment.probe_model_python(env)
+        model = environment.probe_model_python(env)
     except environment.SetupError as e:
         return Check(name, False, str(e), "make setup")
+    version = model.version
     stub = environment.stub_for(version)
     if not stub.exists():
         return Check(name, False, f"no stub for Python {version} ({stub})", "use Python 3.8-3.13 for the model env")
+    env = environment.with_libpython(env, model)
     missing = _missing_libs(stub, env)
     if missing:
         return Check(name, False, f"stub {version} cannot load {missing}", f"install the shared libpython{version} (e.g. apt-get install libpython{version})")
-    return Check(name, True, f"Python {version}, {stub}")
+    loaded = _resolved_libpython(stub, env)
+    if model.shared_libpython and loaded and Path(loaded).resolve() != model.shared_libpython.resolve():
+        return Check(name, False, f"stub loads {loaded}, the model interpreter is {model.shared_libpython}",
+                     "put the interpreter's LIBDIR first on LD_LIBRARY_PATH")
+    if model.shared_libpython is None:
+        return Check(name, True, f"Python {version}; stub loads {loaded} (interpreter is a static build: "
+                     "its stdlib extension modules must match that libpython)")
+    return Check(name, True, f"Python {version}, stub {stub}, libpython {loaded}")
 
 
 def _missing_libs(binary: Path, env: dict[str, str]) -> list[str]:
     out = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True)
     return [line.split()[0] for line in out.stdout.splitlines() if "not found" in line]
+
+
+def _resolved_libpython(binary: Path, env: dict[str, str]) -> str | None:
+    out = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if "libpython" in line and "=>" in line:
+            return line.split("=>")[1].split("(")[0].strip()
+    return None
 
 
 def check_server_binary(env: dict[str, str]) -> Check:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from serve import paths
@@ -59,30 +60,63 @@ def server_env(model_env: Path | None = None) -> dict[str, str]:
     return env
 
 
-def probe_model_python(env: dict[str, str]) -> tuple[str, str]:
-    """(Python X.Y, numpy version) as the stub will see them: through the first `python3` on PATH."""
+@dataclass(frozen=True)
+class ModelPython:
+    """The interpreter the stub will embed: the first `python3` on the server's PATH."""
+
+    executable: str
+    version: str  # X.Y: picks the stub
+    numpy: str
+    libdir: str  # sysconfig LIBDIR: where a shared build keeps its libpython
+    soname: str  # e.g. libpython3.11.so.1.0 ('' for a static build)
+
+    @property
+    def shared_libpython(self) -> Path | None:
+        path = Path(self.libdir) / self.soname if self.soname else None
+        return path if path and path.exists() else None
+
+
+PROBE = (
+    "import sys, sysconfig, numpy; v = sysconfig.get_config_var; "
+    "print(sys.executable, '%d.%d' % sys.version_info[:2], numpy.__version__, v('LIBDIR') or '-', v('INSTSONAME') or '-')"
+)
+
+
+def probe_model_python(env: dict[str, str]) -> ModelPython:
     python3 = shutil.which("python3", path=env["PATH"])
     if python3 is None:
         raise SetupError(f"no python3 on PATH {env['PATH']}")
-    code = "import sys, numpy; print('%d.%d' % sys.version_info[:2], numpy.__version__)"
-    out = subprocess.run([python3, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([python3, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise SetupError(f"numpy is not importable by {python3}: {out.stderr.strip()[-300:]}; run `make setup`")
-    python_version, numpy_version = out.stdout.split()
-    return python_version, numpy_version
+    executable, version, numpy_version, libdir, soname = out.stdout.split()
+    return ModelPython(python3, version, numpy_version, libdir.strip("-"), soname.strip("-"))
 
 
-def check_model_python(env: dict[str, str]) -> str:
-    """Refuse numpy >= 2 in the model environment. Returns that environment's Python X.Y."""
-    python_version, numpy_version = probe_model_python(env)
-    if int(numpy_version.split(".")[0]) >= 2:
-        python3 = shutil.which("python3", path=env["PATH"])
+def check_model_python(env: dict[str, str]) -> ModelPython:
+    """Refuse numpy >= 2 in the model environment."""
+    model = probe_model_python(env)
+    if int(model.numpy.split(".")[0]) >= 2:
         raise SetupError(
-            f"numpy {numpy_version} is in the model environment ({python3}); Triton 2.51's Python backend stub "
-            "silently reads wrong input data and returns empty outputs with numpy >= 2. "
+            f"numpy {model.numpy} is in the model environment ({model.executable}); Triton 2.51's Python backend "
+            "stub silently reads wrong input data and returns empty outputs with numpy >= 2. "
             "Fix: pip install 'numpy<2' into that environment (make setup pins numpy==1.26.4)."
         )
-    return python_version
+    return model
+
+
+def with_libpython(env: dict[str, str], model: ModelPython) -> dict[str, str]:
+    """Make the stub load the model interpreter's own libpython.
+
+    The stub links `libpython3.X.so.1.0` by name; left alone the loader may find another build of the
+    same minor version (here Debian's 3.11.2 beside pyenv's 3.11.7), whose ABI does not match the
+    venv's stdlib extension modules (`_ssl`: undefined symbol). A shared build's LIBDIR goes first.
+    """
+    if model.shared_libpython is None:
+        return env
+    env = dict(env)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([model.libdir, env["LD_LIBRARY_PATH"]])
+    return env
 
 
 def assemble_backends(python_version: str, dest: Path | None = None) -> Path:

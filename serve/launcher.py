@@ -149,7 +149,8 @@ class TritonServer:
         """Every refusal happens here, before a process exists. Returns (server env, model Python X.Y)."""
         o = self.options
         env = environment.server_env(o.model_env)
-        python_version = environment.check_model_python(env)
+        model_python = environment.check_model_python(env)
+        env = environment.with_libpython(env, model_python)
         taken = [p for p in (o.http_port, o.grpc_port, o.metrics_port) if not port_is_free(o.host, p)]
         if taken:
             raise SetupError(
@@ -160,7 +161,7 @@ class TritonServer:
         problems = check_repository(Path(o.model_repository))
         if problems:
             raise SetupError("model repository is not ready:\n  " + "\n  ".join(map(str, problems)))
-        return env, python_version
+        return env, model_python.version
 
     def start(self) -> "TritonServer":
         env, python_version = self.preflight()

@@ -184,3 +184,20 @@ def test_server_env_puts_model_venv_first(tmp_path):
     assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
     assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0].endswith("nvidia_pytriton.libs")
     assert "PYTHONPATH" not in env
+
+
+def test_stub_gets_the_model_interpreters_libpython(tmp_path):
+    """A shared build's LIBDIR goes first on LD_LIBRARY_PATH, so the stub embeds the libpython whose
+    stdlib the venv uses (not another build of the same X.Y found by the loader)."""
+    (tmp_path / "libpython3.11.so.1.0").write_bytes(b"")
+    model = environment.ModelPython("python3", "3.11", "1.26.4", str(tmp_path), "libpython3.11.so.1.0")
+    env = environment.with_libpython({"LD_LIBRARY_PATH": "/server/libs"}, model)
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [str(tmp_path), "/server/libs"]
+    static = environment.ModelPython("python3", "3.11", "1.26.4", str(tmp_path), "")
+    assert environment.with_libpython({"LD_LIBRARY_PATH": "/x"}, static)["LD_LIBRARY_PATH"] == "/x"
+
+
+def test_model_env_probe_reports_this_venv():
+    model = environment.check_model_python(environment.server_env())
+    assert model.version == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert model.numpy.startswith("1.")

@@ -1,0 +1,1 @@
+"""Clients of the served models: gRPC and HTTP (tritonclient), importable functions with thin CLIs."""

@@ -1,0 +1,185 @@
+"""Triton Python model (decoupled): validates and enqueues requests; the engine thread streams.
+
+Copied by `python -m export.llm` to model_repository/<name>/1/model.py next to a copy of the
+engine package (1/llm/), so the model directory is self-contained. Engine settings come from the
+config.pbtxt `parameters` (llm/settings.py). I/O contract: export/specs.py LLM_IO, docs/llm.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# Import the engine package copied next to this file (model_repository/<name>/1/llm/), whatever
+# else is on sys.path, so the model directory is self-contained.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llm.engine import Engine, Metrics, Output
+from llm.sampling import SamplingParams
+from llm.settings import EngineSettings
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Histogram buckets (seconds): TTFT spans ms..s; inter-token latency sub-ms..100s of ms.
+TTFT_BUCKETS = [0.005, 0.01, 0.015, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
+ITL_BUCKETS = [0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+class TritonMetrics(Metrics):
+    """Engine metrics as Triton custom metrics (served on the metrics port with Triton's own)."""
+
+    def __init__(self, labels: dict[str, str]):
+        F = pb_utils.MetricFamily
+        self.families = [
+            F("llm_time_to_first_token_seconds", "Time from request arrival to its first generated token", F.HISTOGRAM),
+            F("llm_inter_token_latency_seconds", "Time between consecutive decode steps (each running request gets one token per step)", F.HISTOGRAM),
+            F("llm_generated_tokens_total", "Generated tokens", F.COUNTER),
+            F("llm_requests_running", "Requests holding a KV-cache slot", F.GAUGE),
+            F("llm_requests_waiting", "Requests waiting for a slot", F.GAUGE),
+            F("llm_kv_cache_usage_ratio", "Used KV-cache positions / allocated positions", F.GAUGE),
+        ]
+        ttft, itl, tokens, running, waiting, kv = self.families
+        self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
+        self.tokens = tokens.Metric(labels=labels)
+        self.running, self.waiting, self.kv = (f.Metric(labels=labels) for f in (running, waiting, kv))
+        self._pending_tokens = 0
+        self._last = (None, None, None)
+
+    def close(self) -> None:
+        # Metric objects must be released before their families (pb_utils requirement).
+        del self.ttft, self.itl, self.tokens, self.running, self.waiting, self.kv
+        self.families.clear()
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def step(self, seconds: float | None, tokens: int) -> None:
+        if tokens and seconds is not None:
+            self.itl.observe(seconds)
+        self._pending_tokens += tokens
+
+    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
+        # Called at most every metrics_interval_s: each metric call is an IPC to the server.
+        if self._pending_tokens:
+            self.tokens.increment(self._pending_tokens)
+            self._pending_tokens = 0
+        now = (running, waiting, round(kv_usage, 4))
+        if now != self._last:
+            self.running.set(running)
+            self.waiting.set(waiting)
+            self.kv.set(kv_usage)
+            self._last = now
+
+
+def _scalar(request, name: str, default):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return default
+    a = t.as_numpy().reshape(-1)
+    if a.size != 1:
+        raise ValueError(f"{name}: expected one value, got {a.size}")
+    return a[0].item()
+
+
+def _strings(request, name: str) -> list[str]:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in t.as_numpy().reshape(-1)]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        cfg = json.loads(args["model_config"])
+        assert cfg.get("model_transaction_policy", {}).get("decoupled"), "this model must be decoupled"
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        settings = EngineSettings.from_parameters(params)
+        gpu = args["model_instance_kind"] == "GPU"
+        device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        base_dir = Path(args["model_repository"]) / args["model_version"]
+        self.batched = cfg.get("max_batch_size", 0) > 0  # outputs then carry a leading batch dim of 1
+        self.input_names = {i["name"] for i in cfg["input"]}
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.metrics = TritonMetrics(labels)
+        logging.basicConfig(level=logging.INFO)
+        try:
+            self.engine = Engine(settings, base_dir, device, self.metrics)
+        except ImportError as e:
+            if "undefined symbol" not in str(e):
+                raise
+            # The stub embedded a libpython other than the one the model environment's modules
+            # were built for (e.g. the system's instead of the venv interpreter's).
+            raise pb_utils.TritonModelException(
+                f"{e}: the Python stub loaded a different libpython than `python3` on PATH; put that "
+                "interpreter's sysconfig LIBDIR first on LD_LIBRARY_PATH when starting tritonserver") from e
+        self.engine.start()
+        self.logger.log_info(f"{args['model_name']}: engine on {device}, {self.engine.runner.num_slots} slots x "
+                             f"{self.engine.max_context} positions, settings {settings}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.engine.submit(self._make_request(request, sender))
+            except ValueError as e:
+                err = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=err), flags=FINAL)
+            except Exception as e:  # noqa: BLE001 - this request fails, the model keeps serving
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(repr(e))), flags=FINAL)
+        return None
+
+    def _make_request(self, request, sender):
+        texts = _strings(request, "text_input")
+        if len(texts) != 1:
+            raise ValueError(f"text_input: expected one string, got {len(texts)}")
+        s = self.engine.settings
+        seed = _scalar(request, "seed", None)
+        if seed is None and "random_seed" in self.input_names:
+            seed = _scalar(request, "random_seed", None)  # the name TRT-LLM and the OpenAI frontend use
+        params = SamplingParams(
+            max_tokens=int(_scalar(request, "max_tokens", s.default_max_tokens)),
+            temperature=float(_scalar(request, "temperature", 0.0)),
+            top_k=int(_scalar(request, "top_k", 0)),
+            top_p=float(_scalar(request, "top_p", 1.0)),
+            seed=None if seed is None else int(seed),
+            stop=tuple(w for w in _strings(request, "stop_words") if w),
+            ignore_eos=bool(_scalar(request, "ignore_eos", False)),
+            min_tokens=int(_scalar(request, "min_tokens", 0)),
+        )
+        stream = bool(_scalar(request, "stream", False))
+        echo = not bool(_scalar(request, "exclude_input_in_output", True))
+        want_in = bool(_scalar(request, "return_num_input_tokens", False))
+        want_out = bool(_scalar(request, "return_num_output_tokens", False))
+        emit = self._emitter(sender, want_in, want_out)
+        return self.engine.make_request(texts[0], params, emit, stream=stream, echo=echo,
+                                        is_cancelled=request.is_cancelled)
+
+    def _emitter(self, sender, want_in: bool, want_out: bool):
+        shape = (1, 1) if self.batched else (1,)
+
+        def tensor(name, values, dtype):
+            return pb_utils.Tensor(name, np.array(values, dtype=dtype).reshape(shape))
+
+        def emit(o: Output) -> None:
+            if o.error is not None:
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(o.error)), flags=FINAL)
+                return
+            outs = [tensor("text_output", [o.text.encode("utf-8")], np.object_)]
+            if o.finished:
+                outs.append(tensor("finish_reason", [o.finish_reason.encode()], np.object_))
+            if want_in:
+                outs.append(tensor("num_input_tokens", [o.num_input_tokens], np.int32))
+            if want_out:
+                outs.append(tensor("num_output_tokens", [o.num_output_tokens], np.int32))
+            sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=FINAL if o.finished else 0)
+
+        return emit
+
+    def finalize(self):
+        self.engine.stop()  # joins the engine thread: nothing uses the metrics after this
+        self.metrics.close()

@@ -1,0 +1,307 @@
+"""The LLM engine in-process (no server): exact against transformers, batching, sampling, stops,
+cancellation, validation. The tiny random-weight Llama is written to a temp dir (~2 s)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.llm import write_random_checkpoint
+from llm.engine import Engine, _held_back
+from llm.kv_cache import slots_within_budget
+from llm.sampling import SamplingParams
+from llm.settings import EngineSettings
+
+PROMPTS = [
+    "Hello world",
+    "Once upon a time, there was a small model that wanted to generate text",
+    "What is machine learning? " * 12,  # ~100 tokens: chunked prefill with prefill_chunk=32
+    "a",
+    "Ünïcödé 🙂 中文",
+    "def main(): print(0)",
+]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("llm") / "checkpoint", "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """transformers greedy generate: generated ids and decoded text per prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = {}
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")
+        gen = hf.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+        out[p] = (gen, tok.decode(gen, skip_special_tokens=True))
+    return out
+
+
+def make_engine(checkpoint, **kw) -> Engine:
+    return Engine(EngineSettings(checkpoint=str(checkpoint), cpu_threads=1, **kw))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    # Few slots and small prefill chunks: requests wait, prefill is chunked and batched.
+    return make_engine(checkpoint, max_slots=4, max_context=256, prefill_chunk=32, max_prefill_batch=3)
+
+
+def test_greedy_matches_transformers(engine, reference):
+    results = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    for p, r in zip(PROMPTS, results):
+        ids, text = reference[p]
+        assert r["error"] is None
+        assert r["text"] == text, p
+        assert r["num_output_tokens"] == len(ids)
+        assert r["finish_reason"] == ("stop" if len(ids) < MAX_TOKENS else "length")
+    assert engine.runner.cache.num_free == engine.runner.num_slots  # every slot returned
+
+
+@pytest.mark.parametrize("slots,overlap", [(1, True), (16, True), (3, False)])
+def test_greedy_independent_of_batching(checkpoint, reference, slots, overlap):
+    e = make_engine(checkpoint, max_slots=slots, max_context=256, prefill_chunk=512, max_prefill_batch=8,
+                    overlap=overlap)
+    results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
+
+
+def test_stream_concatenation_equals_whole_text(engine):
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    whole = engine.generate(PROMPTS, params, stream=False)
+    streamed = engine.generate(PROMPTS, params, stream=True)
+    for w, s in zip(whole, streamed):
+        assert len(w["chunks"]) == 1 and len(s["chunks"]) > 1
+        assert "".join(s["chunks"]) == w["text"]
+        assert s["num_output_tokens"] == w["num_output_tokens"] == MAX_TOKENS
+
+
+def test_stream_interval_coalesces(checkpoint):
+    e = make_engine(checkpoint, max_slots=2, max_context=256, stream_interval=4)
+    r = e.generate(["Hello world"], SamplingParams(max_tokens=16, ignore_eos=True), stream=True)[0]
+    per_token = make_engine(checkpoint, max_slots=2, max_context=256).generate(
+        ["Hello world"], SamplingParams(max_tokens=16, ignore_eos=True), stream=True)[0]
+    assert r["text"] == per_token["text"]
+    assert len(r["chunks"]) <= 16 // 4 + 1 < len(per_token["chunks"])
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    p = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = engine.generate(["Hello world"], p)[0]["text"]
+    # Same seed inside a batch of other (greedy and sampled) requests: same text.
+    others = [SamplingParams(max_tokens=MAX_TOKENS), SamplingParams(max_tokens=7, temperature=0.7, seed=5)]
+    batch = engine.generate(["Once upon a time", "Hello world", "a"], [others[0], p, others[1]])
+    assert batch[1]["text"] == alone
+    other_seed = engine.generate(["Hello world"], SamplingParams(**{**p.__dict__, "seed": 4321}))[0]["text"]
+    assert other_seed != alone
+    greedy = engine.generate(["Hello world"], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0]["text"]
+    assert alone != greedy
+
+
+def test_top_k_1_is_greedy(engine):
+    greedy = engine.generate(["Hello world"], SamplingParams(max_tokens=MAX_TOKENS))[0]["text"]
+    k1 = engine.generate(["Hello world"], SamplingParams(max_tokens=MAX_TOKENS, temperature=2.0, top_k=1, seed=3))
+    assert k1[0]["text"] == greedy
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_word_cut_exactly(engine, reference, stream):
+    prompt = PROMPTS[1]
+    full = reference[prompt][1]
+    # A stop word spanning several tokens in the middle of the greedy text.
+    start = len(full) // 3
+    stop = full[start : start + 4]
+    cut = full.find(stop)
+    r = engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, stop=(stop, "never-there")), stream=stream)[0]
+    assert r["finish_reason"] == "stop"
+    assert r["text"] == full[:cut]
+    assert stop not in r["text"]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_max_tokens_and_context_limit(checkpoint, overlap):
+    e = make_engine(checkpoint, max_slots=2, max_context=40, max_tokens_cap=100, overlap=overlap)
+    r = e.generate(["Hello world"], SamplingParams(max_tokens=7, ignore_eos=True))[0]
+    assert (r["num_output_tokens"], r["finish_reason"]) == (7, "length")
+    r = e.generate(["Hello world"], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert r["num_input_tokens"] + r["num_output_tokens"] == 40 and r["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_cancellation_frees_the_slot(checkpoint, overlap):
+    e = make_engine(checkpoint, max_slots=1, max_context=256, overlap=overlap)
+    seen = []
+    cancelled = lambda: len(seen) >= 3  # noqa: E731 - the client goes away after 3 responses
+    req = e.make_request("Hello", SamplingParams(max_tokens=200, ignore_eos=True), seen.append, is_cancelled=cancelled)
+    e.submit(req)
+    follow = []
+    e.submit(e.make_request("world", SamplingParams(max_tokens=5, ignore_eos=True), follow.append))
+    for _ in range(50):
+        e.step()
+    assert seen[-1].finished and seen[-1].finish_reason == "cancelled" and seen[-1].num_output_tokens < 10
+    assert follow[-1].finished and follow[-1].num_output_tokens == 5  # it got the only slot
+    assert e.runner.cache.num_free == 1 and not e.running and not e.waiting
+
+
+def test_failing_request_does_not_stop_others(checkpoint):
+    e = make_engine(checkpoint, max_slots=4, max_context=256)
+    good = []
+
+    def broken(o):
+        raise RuntimeError("client went away")
+
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=8, ignore_eos=True), broken))
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=8, ignore_eos=True), good.append))
+    for _ in range(20):
+        e.step()
+    assert good[-1].finished and good[-1].num_output_tokens == 8
+    assert e.runner.cache.num_free == 4
+
+
+def test_background_thread(checkpoint, reference):
+    e = make_engine(checkpoint, max_slots=4, max_context=256)
+    e.start()
+    try:
+        r = e.generate(PROMPTS[:3], SamplingParams(max_tokens=MAX_TOKENS))
+    finally:
+        e.stop()
+    assert [x["text"] for x in r] == [reference[p][1] for p in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("field,params", [
+    ("max_tokens", dict(max_tokens=0)),
+    ("max_tokens", dict(max_tokens=10_000)),
+    ("temperature", dict(max_tokens=4, temperature=-0.5)),
+    ("top_k", dict(max_tokens=4, top_k=-1)),
+    ("top_p", dict(max_tokens=4, top_p=0.0)),
+    ("top_p", dict(max_tokens=4, top_p=1.5)),
+    ("min_tokens", dict(max_tokens=4, min_tokens=5)),
+    ("stop_words", dict(max_tokens=4, stop=("",))),
+])
+def test_bad_parameters_name_the_field(engine, field, params):
+    with pytest.raises(ValueError, match=field):
+        engine.make_request("Hello", SamplingParams(**params), lambda o: None)
+
+
+def test_prompt_over_context_limit(engine):
+    with pytest.raises(ValueError, match="text_input: prompt has 603 tokens; the context limit is 256"):
+        engine.make_request("word " * 300, SamplingParams(max_tokens=4), lambda o: None)
+
+
+def test_held_back_prefix_of_stop_word():
+    assert _held_back("abc", ("cde",)) == 1
+    assert _held_back("abcd", ("cde", "bcdx")) == 3
+    assert _held_back("abc", ("xyz",)) == 0
+    assert _held_back("abc", ()) == 0
+
+
+def test_kv_budget_limits_slots():
+    assert slots_within_budget(64, 0, 2**20) == 64
+    assert slots_within_budget(64, 10, 2**20) == 10
+    with pytest.raises(AssertionError, match="holds no slot"):
+        slots_within_budget(64, 0.5, 2**20)
+
+
+def test_settings_round_trip_and_unknown_key():
+    s = EngineSettings(max_slots=3, cuda_graphs=False, metrics_interval_s=0.5)
+    assert EngineSettings.from_parameters(s.to_parameters()) == s
+    with pytest.raises(AssertionError, match="unknown engine parameters"):
+        EngineSettings.from_parameters({"max_slot": "3"})
+
+
+def test_tiny_checkpoint_tokenizer_matches_model(checkpoint):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from clients.chat import render
+
+    tok, cfg = AutoTokenizer.from_pretrained(checkpoint), AutoConfig.from_pretrained(checkpoint)
+    assert len(tok) == cfg.vocab_size == 1024
+    ids = tok("Hello 🙂")["input_ids"]
+    assert ids[0] == tok.bos_token_id == cfg.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello 🙂"  # byte-level: every string round-trips
+    assert tok.eos_token_id == cfg.eos_token_id
+    text = render([{"role": "user", "content": "Hi"}], tok)
+    assert text == "<|user|>\nHi<|end_of_text|>\n<|assistant|>\n"
+
+
+def test_random_checkpoint_is_deterministic(checkpoint, tmp_path):
+    again = write_random_checkpoint(tmp_path / "again", "tiny")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (checkpoint / name).read_bytes(), name
+
+
+def test_export_layout_and_up_to_date(tmp_path):
+    from export import pbtxt
+    from export.llm import DEFAULT_NAME, export_default, is_up_to_date
+
+    model_dir = export_default(repository=tmp_path)
+    config = pbtxt.read(model_dir)
+    assert config.backend == "python" and config.model_transaction_policy.decoupled
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    settings = EngineSettings.from_parameters(params)  # every parameter is a known engine setting
+    assert (settings.max_slots, settings.max_context) == (32, 512)
+    for rel in params["required_artifacts"].split(","):
+        assert (model_dir / rel).exists(), rel
+    assert is_up_to_date(model_dir, config)
+    (model_dir / "1" / "llm" / "engine.py").write_text("# stale copy\n")
+    assert not is_up_to_date(model_dir, config)
+    assert model_dir.name == DEFAULT_NAME
+
+
+def _random_hf_checkpoint(out, arch: str):
+    """A tiny HF model of another family (random, well-spread logits) with the tiny tokenizer."""
+    import transformers
+
+    from export.llm import SHAPES, build_tokenizer
+
+    base = {k: v for k, v in SHAPES["tiny"].items() if k != "rope_theta"}
+    config = getattr(transformers, f"{arch}Config")(**base, architectures=[f"{arch}ForCausalLM"])
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                continue
+            std = 1.0 if "embed" in name else 0.1 if p.dim() == 1 else p.shape[1] ** -0.5 * (4 if "lm_head" in name else 1)
+            p.normal_(0, std)
+    model.save_pretrained(out)
+    build_tokenizer(config.vocab_size).save_pretrained(out)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_other_families_match_transformers(tmp_path, arch):
+    from transformers import AutoTokenizer
+
+    hf = _random_hf_checkpoint(tmp_path, arch)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    e = make_engine(tmp_path, max_slots=4, max_context=256, prefill_chunk=16)
+    results = e.generate(PROMPTS[:4], SamplingParams(max_tokens=12))
+    for p, r in zip(PROMPTS[:4], results):
+        ids = tok(p, return_tensors="pt")
+        gen = hf.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        assert r["text"] == tok.decode(gen, skip_special_tokens=True), (arch, p)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_eos_min_tokens_ignore_eos(checkpoint, overlap):
+    e = make_engine(checkpoint, max_slots=4, max_context=256, overlap=overlap)
+    eos = e.eos_ids[0]
+
+    def eos_always(fn):  # the model now always prefers EOS
+        def wrapped(*a, **kw):
+            logits = fn(*a, **kw).clone()
+            logits[:, eos] = 1e4
+            return logits
+        return wrapped
+
+    e.runner.prefill, e.runner.decode = eos_always(e.runner.prefill), eos_always(e.runner.decode)
+    r = e.generate(["Hello"] * 3, [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, min_tokens=5),
+                                   SamplingParams(max_tokens=10, ignore_eos=True)])
+    assert [(x["num_output_tokens"], x["finish_reason"]) for x in r] == [(1, "stop"), (6, "stop"), (10, "length")]
+    assert r[0]["text"] == "" and r[2]["text"] == ""  # EOS is a special token: no text
