@@ -4,9 +4,10 @@ MODEL   ?= minilm_text
 PYTEST_ARGS ?=
 SERVE_ARGS  ?=
 PERF_ARGS   ?=
+BENCH_ARGS  ?=
 TRT_ARGS    ?=
 
-.PHONY: serve test test-llm export-llm-gpu setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
+.PHONY: serve test test-llm export-llm-gpu bench-encoder-cpu setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
 
 serve: export ## set up, export the default models, run tritonserver on 127.0.0.1 (Ctrl-C stops)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
@@ -38,6 +39,9 @@ test-llm: setup ## LLM engine + server tests only
 export-llm-gpu: setup ## random TinyLlama/Llama-3.1-8B-shaped LLMs (run on the GPU host)
 	$(PY) -m export.llm --random-shape tinyllama-1.1b --device cuda --kind gpu --name tinyllama
 	$(PY) -m export.llm --random-shape llama-3.1-8b --device cuda --kind gpu --name llama8b
+
+bench-encoder-cpu: export ## perf_analyzer sweep of the encoders and the text pipeline on this CPU (~8 min)
+	$(PY) -m bench.encoder_cpu $(BENCH_ARGS)
 
 clean: ## remove generated artifacts (not the venv)
 	rm -rf build

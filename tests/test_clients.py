@@ -1,0 +1,83 @@
+"""clients/: importable functions and CLIs against the real server (exit codes, server messages)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import embedding_models
+
+from clients.embed import embed, throughput
+from clients.search_demo import CORPUS, search
+from export.specs import MINILM_TEXT
+from serve.paths import MODEL_REPOSITORY, REPO_ROOT
+
+pytestmark = pytest.mark.skipif(not (MODEL_REPOSITORY / MINILM_TEXT.encoder.name / "1" / "model.onnx").is_file(),
+                                reason="encoder ONNX missing: run `make export`")
+
+
+
+@pytest.fixture(scope="module")
+def embedding_server(tmp_path_factory):
+    """Encoders + text pipeline only (symlinked from the main repository): quick to start, isolated."""
+    with embedding_models.embedding_server(tmp_path_factory.mktemp("embedding")) as server:
+        yield server
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_grpc_and_http_agree(embedding_server):
+    texts = ["first text", "zweiter Text"]
+    g = embed(texts, embedding_server.grpc_url, "grpc")
+    h = embed(texts, embedding_server.http_url, "http")
+    assert g.shape == (2, MINILM_TEXT.encoder.hidden_size)
+    np.testing.assert_allclose(g, h, atol=1e-6, rtol=0)
+
+
+def test_embed_splits_long_lists(embedding_server):
+    texts = [f"sentence number {i}" for i in range(MINILM_TEXT.max_texts + 3)]
+    out = embed(texts, embedding_server.grpc_url)
+    assert out.shape == (len(texts), MINILM_TEXT.encoder.hidden_size)
+    np.testing.assert_allclose(out[-1], embed([texts[-1]], embedding_server.grpc_url)[0], atol=1e-5, rtol=0)
+
+
+def test_search_ranks_the_related_sentence_first(embedding_server):
+    (best_score, best), *rest = search("a pet that purrs", CORPUS, k=3, url=embedding_server.grpc_url)
+    assert best == "The cat curled up on the sofa and purred all afternoon."
+    assert best_score > rest[0][0] + 0.1
+
+
+def test_throughput_mode(embedding_server):
+    r = throughput(["short sentence"], requests=16, concurrency=4, url=embedding_server.grpc_url)
+    assert r["requests"] == 16 and r["sentences_per_s"] > 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cli_prints_shape(embedding_server, protocol):
+    url = embedding_server.grpc_url if protocol == "grpc" else embedding_server.http_url
+    p = cli("clients.embed", "-i", protocol, "-u", url, "hello", "world")
+    assert p.returncode == 0, p.stderr
+    assert f"embedding (2, {MINILM_TEXT.encoder.hidden_size}) float32" in p.stdout
+
+
+def test_cli_exits_nonzero_with_server_message(embedding_server):
+    p = cli("clients.embed", "-u", embedding_server.grpc_url, "-m", "no_such_model", "hello")
+    assert p.returncode == 1
+    assert "error:" in p.stderr and "no_such_model" in p.stderr
+
+
+def test_cli_exits_nonzero_when_server_unreachable():
+    from serve.launcher import free_port
+
+    p = cli("clients.embed", "-i", "http", "-u", f"127.0.0.1:{free_port()}", "hello")
+    assert p.returncode == 1 and "error:" in p.stderr
+
+
+def test_search_cli(embedding_server):
+    p = cli("clients.search_demo", "-u", embedding_server.grpc_url, "-k", "2", "how do I cook pasta?")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[1].strip().endswith("Boil the spaghetti in salted water for nine minutes, then drain it.")
