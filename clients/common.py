@@ -57,6 +57,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print requests and responses (tritonclient verbose)")
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The LLM contract's per-request generation parameters (export/specs.py LLM_IO); unset ones are
+    not sent, so the model's defaults apply."""
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop word (repeatable)")
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a CLI body; a server or connection error prints its message and exits 1."""
     try:

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
-from clients.common import add_common_args, url_for
+from clients.common import add_common_args, add_sampling_args, url_for
 
 DEFAULT_MODEL = "tiny_llama"
 
@@ -58,12 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("prompt")
     ap.add_argument("-m", "--model", default=DEFAULT_MODEL)
     ap.add_argument("--stream", action="store_true", help="generate_stream (Server-Sent Events)")
-    ap.add_argument("--max-tokens", type=int)
-    ap.add_argument("--temperature", type=float)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--stop", action="append", help="stop word (repeatable)")
+    add_sampling_args(ap)
     a = ap.parse_args(argv)
     if a.protocol != "http" and a.url is None:
         a.url = url_for(None, "http")  # this client always speaks HTTP

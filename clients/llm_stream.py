@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from clients.common import add_common_args, make_client, make_inputs, run_cli
+from clients.common import add_common_args, add_sampling_args, make_client, make_inputs, run_cli
 from export.specs import LLM_IO
 
 DEFAULT_MODEL = "tiny_llama"
@@ -154,12 +154,7 @@ def main(argv=None) -> int:
     add_common_args(ap)
     ap.add_argument("prompt")
     ap.add_argument("-m", "--model", default=DEFAULT_MODEL)
-    ap.add_argument("--max-tokens", type=int)
-    ap.add_argument("--temperature", type=float)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--stop", action="append", help="stop word (repeatable)")
+    add_sampling_args(ap)
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--echo", action="store_true", help="include the prompt in the output")
     ap.add_argument("--no-stream", action="store_true", help="one response with the whole text")

@@ -7,23 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests import embedding_models
 
 from clients.embed import embed, throughput
 from clients.search_demo import CORPUS, search
 from export.specs import MINILM_TEXT
-from serve.paths import MODEL_REPOSITORY, REPO_ROOT
-
-pytestmark = pytest.mark.skipif(not (MODEL_REPOSITORY / MINILM_TEXT.encoder.name / "1" / "model.onnx").is_file(),
-                                reason="encoder ONNX missing: run `make export`")
+from serve.paths import REPO_ROOT
 
 
-
-@pytest.fixture(scope="module")
-def embedding_server(tmp_path_factory):
-    """Encoders + text pipeline only (symlinked from the main repository): quick to start, isolated."""
-    with embedding_models.embedding_server(tmp_path_factory.mktemp("embedding")) as server:
-        yield server
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

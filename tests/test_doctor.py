@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from serve import doctor, environment
-from serve.launcher import ServerOptions
+
 from serve.paths import REPO_ROOT
 from tests.server_fixtures import server_options, write_add_one_model
 

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serve import environment
-from serve.launcher import ADMIN_HEADER, SetupError, TritonServer, server_args
+from serve.launcher import ADMIN_HEADER, SetupError, TritonServer
 from serve.paths import REPO_ROOT
 from serve.repository import check_repository
 from tests.server_fixtures import server_options, write_add_one_model

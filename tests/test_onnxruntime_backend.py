@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests import embedding_models
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
@@ -30,15 +29,7 @@ ENCODER_DIR = MODEL_REPOSITORY / MINILM.name
 ONNX = ENCODER_DIR / "1" / "model.onnx"
 IN_NAMES = [t.name for t in MINILM.inputs]
 (OUT,) = MINILM.outputs
-needs_onnx = pytest.mark.skipif(not ONNX.is_file(), reason=f"{ONNX} missing: run `make export`")
 
-
-
-@pytest.fixture(scope="module")
-def embedding_server(tmp_path_factory):
-    """Encoders + text pipeline only (symlinked from the main repository): quick to start, isolated."""
-    with embedding_models.embedding_server(tmp_path_factory.mktemp("embedding")) as server:
-        yield server
 
 
 def load_backend():
@@ -150,7 +141,6 @@ def test_request_lengths_rejects(arrays, message):
         B.request_lengths(ins, arrays, True)
 
 
-@needs_onnx
 def test_padding_does_not_change_unpadded_tokens():
     """What makes cross-request padding safe for attention-masked encoders, on the real model."""
     import onnxruntime as ort
@@ -218,7 +208,6 @@ BAD_ENCODER_REQUESTS = {
 }
 
 
-@needs_onnx
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("case", sorted(BAD_ENCODER_REQUESTS))
 def test_bad_encoder_request_is_invalid_argument(embedding_server, protocol, case):
@@ -236,8 +225,7 @@ def test_bad_encoder_request_is_invalid_argument(embedding_server, protocol, cas
 def batching_server(tmp_path_factory):
     """A private encoder with a long queue delay so that concurrent requests land in one execute(), and
     ragged batching so that requests of different lengths may share it (Triton batches equal shapes only)."""
-    if not ONNX.is_file():
-        pytest.skip(f"{ONNX} missing: run `make export`")
+    assert ONNX.is_file(), f"{ONNX} missing: run `make export`"
     repo = tmp_path_factory.mktemp("repo")
     (repo / MINILM.name / "1").mkdir(parents=True)
     os.symlink(ONNX, repo / MINILM.name / "1" / "model.onnx")

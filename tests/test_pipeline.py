@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests import embedding_models
 from tritonclient.utils import InferenceServerException
 
 from clients.common import infer, make_client
@@ -26,15 +25,6 @@ TEXTS = [
     "emoji 🙂 and symbols ∑ ≤ ∞",
     "x",
 ]
-pytestmark = pytest.mark.skipif(not (MODEL_REPOSITORY / SPEC.encoder.name / "1" / "model.onnx").is_file(),
-                                reason="encoder ONNX missing: run `make export`")
-
-
-@pytest.fixture(scope="module")
-def embedding_server(tmp_path_factory):
-    """Encoders + text pipeline only (symlinked from the main repository): quick to start, isolated."""
-    with embedding_models.embedding_server(tmp_path_factory.mktemp("embedding")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
