@@ -5,9 +5,10 @@ PYTEST_ARGS ?=
 SERVE_ARGS  ?=
 PERF_ARGS   ?=
 BENCH_ARGS  ?=
+BUNDLE_PYTHON ?= 3.12
 TRT_ARGS    ?=
 
-.PHONY: serve test test-llm export-llm-gpu bench-encoder-cpu setup export export-trt export-trt-docker doctor perf bench bench-encoder-cpu bundle clean
+.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bundle clean
 
 serve: export ## set up, export the default models, run tritonserver on 127.0.0.1 (Ctrl-C stops)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
@@ -42,6 +43,15 @@ export-llm-gpu: setup ## random TinyLlama/Llama-3.1-8B-shaped LLMs (run on the G
 
 bench-encoder-cpu: export ## perf_analyzer sweep of the encoders and the text pipeline on this CPU (~8 min)
 	$(PY) -m bench.encoder_cpu $(BENCH_ARGS)
+
+bench: setup ## LLM benchmark through Triton + in-process + baselines + roofline (GPU host; docs/gpu.md)
+	$(PY) -m bench.llm $(BENCH_ARGS)
+
+bench-report: ## results/gpu JSON -> report.md + PNG plots (no GPU needed)
+	bash bench/make_report.sh
+
+bundle: setup ## offline bundle for a GPU host without registry access (< 64 MiB; docs/gpu.md)
+	$(PY) -m serve.bundle --python $(BUNDLE_PYTHON) --out .bundle/bundle.tar.xz
 
 clean: ## remove generated artifacts (not the venv)
 	rm -rf build

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One lent-GPU call: unpack the offline bundle, check it, then run the named measurement stages.
+# Every stage is bounded by its own timeout and logs to $OUT/log.txt; stage JSON files are packed into
+# $OUT/results.tar.gz at the end (the device tool returns at most 8 files).
+#
+#   bash bench/device_run.sh smoke roofline ours8b ourstiny hfnaive hfcb      (from the repo root)
+#
+# Random-weight models are built on the device (nothing downloaded or carried). Stages:
+#   env       GPU, driver, versions            smoke     bundle -> server -> GPU python model over gRPC
+#   roofline  copy bandwidth                   ours8b/ourstiny  our runner decode sweep + profiles
+#   prefill8b our prefill timed + profiled     compiletiny  like compile8b, TinyLlama shape
+#   hfnaive   transformers generate, 1 req     hfcb      transformers continuous batching (graphs off/on)
+#   bench     python -m bench.llm (Triton end to end; BENCH_ARGS, BENCH_OUT)
+#   encoder   MiniLM torch-fp16 CUDA-graph model through Triton (perf_analyzer)
+#   compile8b our decode step with torch.compile (EngineSettings.compile), batch 1
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+RES=/tmp/res
+mkdir -p "$OUT" "$RES"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+REPO=$(pwd)
+IMAGE_PY=$(command -v python3)
+t_start=$(date +%s)
+
+log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - t_start ))s] $*" | tee -a "$LOG"; }
+stage() {  # stage NAME TIMEOUT_S CMD...
+  local name=$1 t=$2; shift 2
+  log "== $name (timeout ${t}s): $*"
+  timeout -k 10 "$t" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  log "== $name rc=$rc"
+  tar -czf "$OUT/results.tar.gz" -C "$RES" .  # after every stage: a timeout later loses nothing
+  return $rc
+}
+
+log "device_run: stages $*"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv >>"$LOG" 2>&1
+"$IMAGE_PY" - >"$RES/env.json" 2>>"$LOG" <<'PY'
+import json, platform, torch, transformers, numpy
+print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "transformers": transformers.__version__, "python": platform.python_version(),
+                  "image_numpy": numpy.__version__, "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+                  "gpu_mem_bytes": torch.cuda.get_device_properties(0).total_memory}))
+PY
+cat "$RES/env.json" | tee -a "$LOG"
+
+# The bundle: unpack and set up its venv (numpy 1.26.4 first, the image's site-packages after).
+BUNDLE_TGZ=${BUNDLE_TGZ:-.bundle/bundle.tar.xz}
+if [[ -f "$BUNDLE_TGZ" ]]; then
+  t0=$(date +%s)
+  # This checkout's bundle_serve.sh replaces the packed one (newer while iterating).
+  tar -xJf "$BUNDLE_TGZ" -C /tmp && cp serve/bundle_serve.sh /tmp/triton-bundle/ && eval "$(bash /tmp/triton-bundle/bundle_serve.sh --setup-only)" \
+    && log "bundle unpacked and set up in $(( $(date +%s) - t0 ))s: python3=$(command -v python3)" \
+    || log "bundle setup FAILED"
+  # Run the project's code from this checkout (it is newer than the bundle's copy when iterating).
+  export PYTHONPATH=$REPO
+fi
+VPY=$(command -v python3)
+
+for s in "$@"; do
+  case $s in
+    smoke) stage smoke 180 "$VPY" -m bench.smoke --workdir /tmp/smoke && cp /tmp/smoke/smoke-server.log "$RES/" ;;
+    roofline) stage roofline 120 "$VPY" -c "import json; from bench.roofline import copy_bandwidth; print(json.dumps(copy_bandwidth()))" \
+                && grep '^{"bytes"' "$LOG" | tail -1 >"$RES/copy_bandwidth.json" ;;
+    ours8b) stage ours8b 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 8 32 64 \
+              --context 256 --profile 1 64 --out "$RES/ours_llama-3.1-8b.json" ;;
+    ourstiny) stage ourstiny 200 "$VPY" -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 8 32 64 \
+              --context 256 --profile 1 --out "$RES/ours_tinyllama-1.1b.json" ;;
+    hfnaive) for sh in tinyllama-1.1b llama-3.1-8b; do
+               stage "hfnaive-$sh" 200 "$VPY" -m bench.baseline_hf --shape $sh --naive --out "$RES/hfnaive_$sh.json"
+             done ;;
+    hfcb) stage hfcb-8b 300 "$VPY" -m bench.baseline_hf --shape llama-3.1-8b --continuous --concurrency 1 64 \
+            --cuda-graph both --out "$RES/hfcb_llama-3.1-8b.json"
+          stage hfcb-tiny 150 "$VPY" -m bench.baseline_hf --shape tinyllama-1.1b --continuous --concurrency 1 \
+            --cuda-graph on --out "$RES/hfcb_tinyllama-1.1b.json" ;;
+    bench) stage bench ${BENCH_TIMEOUT:-540} "$VPY" -m bench.llm --out-dir "$OUT/${BENCH_OUT:-bench}" ${BENCH_ARGS:-} ;;
+    encoder) stage encoder ${ENC_TIMEOUT:-240} "$VPY" -m bench.encoder_gpu --random-weights ${ENC_ARGS:-} --out "$OUT/encoder/encoder_gpu.json" ;;
+    prefill8b) stage prefill8b 200 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 --context 256 \
+                 --prefill 128 2048 --prefill-chunk 512 --out "$RES/ours_8b_prefill.json" ;;
+    compiletiny) stage compiletiny ${COMPILE_TIMEOUT:-240} "$VPY" -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 \
+                 --context 256 --max-context 512 --kv-len-min 512 --compile --profile 1 --out "$RES/ours_tiny_compiled.json" ;;
+    encinproc) stage encinproc 300 "$VPY" -m bench.encoder_gpu --inproc --out "$RES/encoder_inproc.json" ;;
+    compile8b) stage compile8b ${COMPILE_TIMEOUT:-240} "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 \
+                 --context 256 --max-context 512 --kv-len-min 512 --compile --profile 1 --out "$RES/ours_8b_compiled.json" ;;
+    *) log "unknown stage $s" ;;
+  esac
+done
+tar -czf "$OUT/results.tar.gz" -C "$RES" . && log "results: $(ls "$RES" | tr '\n' ' ')"
+log "device_run: done"

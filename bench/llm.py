@@ -1,0 +1,385 @@
+"""LLM benchmark harness: our engine end to end through Triton (gRPC streaming), against the naive
+transformers baseline and the roofline, in one run.
+
+For each benchmark shape: export a random-weight model (export/llm.py, weights made on the device),
+start tritonserver through the launcher, drive it with `concurrency` concurrent gRPC streams
+(tritonclient.grpc.aio, one stream per request, ignore_eos + min_tokens so every request produces
+exactly OSL tokens) for each ISL/OSL workload, record TTFT, inter-token latency (p50/p99; per token,
+from the cumulative `num_output_tokens` of each response), output tokens/s and peak GPU memory
+(nvidia-smi, polled). Then, with the server stopped: the same engine in process at the highest
+concurrency (Triton + Python backend + gRPC overhead), a torch.profiler summary of its decode steps,
+transformers `generate` one request at a time, and the roofline (measured copy bandwidth / bytes
+read per token). Writes <out-dir>/llm_bench.json; `python -m bench.report` turns it into markdown + PNGs.
+
+    python -m bench.llm --shape tinyllama-1.1b --out-dir results/gpu            # GPU host
+    python -m bench.llm --shape tiny --device cpu --concurrency 1 4 --workload 16:16 --out-dir /tmp/b   # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.baseline_hf import percentile
+
+DEFAULT_CONCURRENCY = (1, 8, 32, 64)
+DEFAULT_WORKLOADS = ("128:256", "2048:256")
+PROMPT_UNIT = " The quick brown fox jumps over the lazy dog."
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def make_prompts(tokenizer, n: int, isl: int) -> list[str]:
+    """n distinct prompts of exactly `isl` tokens (with the tokenizer's special tokens), checked."""
+    special = len(tokenizer("x")["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
+    body = isl - special
+    assert body >= 4, f"isl {isl} too small"
+    prompts = []
+    for i in range(n):
+        text = f"{i}:" + PROMPT_UNIT * (body // 4 + 8)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:body]
+        t = tokenizer.decode(ids)
+        # A decode/encode round trip can merge across the cut: trim until the count is exact.
+        k = body
+        while len(tokenizer(t)["input_ids"]) > isl and k > 0:
+            k -= 1
+            t = tokenizer.decode(ids[:k])
+        prompts.append(t)
+    got = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert all(abs(g - isl) <= 2 for g in got), f"prompt lengths {sorted(set(got))} for isl {isl}"
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- GPU memory
+
+class GpuMemoryPoller:
+    """Peak device memory in use (nvidia-smi, all processes) while the context is open."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak_mib, self._stop = interval_s, 0, threading.Event()
+        self.available = subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0
+
+    def read(self) -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return max(int(x) for x in out) if out else 0
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                self.peak_mib = max(self.peak_mib, self.read())
+            except Exception:
+                pass
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        if self.available:
+            self._t = threading.Thread(target=self._loop, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+def _inputs(grpcclient, prompt: str, osl: int, batch_dim: bool):
+    """batch_dim: the model's max_batch_size > 0, so every input carries a leading batch axis of 1."""
+    def t(name, dtype, value):
+        a = np.array([value], dtype=np.object_ if dtype == "BYTES" else None)
+        a = a.reshape(1, 1) if batch_dim else a
+        x = grpcclient.InferInput(name, list(a.shape), dtype)
+        x.set_data_from_numpy(a)
+        return x
+
+    return [
+        t("text_input", "BYTES", prompt.encode()),
+        t("max_tokens", "INT32", np.int32(osl)),
+        t("min_tokens", "INT32", np.int32(osl)),
+        t("ignore_eos", "BOOL", True),
+        t("stream", "BOOL", True),
+        t("exclude_input_in_output", "BOOL", True),
+        t("return_num_input_tokens", "BOOL", True),
+        t("return_num_output_tokens", "BOOL", True),
+    ]
+
+
+async def _one_request(client, model: str, prompt: str, osl: int, rid: str, batch_dim: bool) -> dict:
+    import tritonclient.grpc.aio as grpcclient
+
+    inputs = _inputs(grpcclient, prompt, osl, batch_dim)
+
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "request_id": rid, "enable_empty_final_response": True}
+
+    t0 = time.perf_counter()
+    stamps, counts, n_in, final = [], [], None, False
+    async for result, error in client.stream_infer(inputs_iterator=requests(), stream_timeout=600):
+        now = time.perf_counter()
+        if error is not None:
+            raise RuntimeError(f"request {rid}: {error}")
+        resp = result.get_response()
+        n_out = result.as_numpy("num_output_tokens")
+        if n_out is not None:
+            stamps.append(now)
+            counts.append(int(n_out.reshape(-1)[0]))
+            n = result.as_numpy("num_input_tokens")
+            n_in = int(n.reshape(-1)[0]) if n is not None else n_in
+        if resp.parameters["triton_final_response"].bool_param:
+            final = True
+            break
+    assert final, f"request {rid}: stream ended without the final flag"
+    assert counts and counts[-1] == osl, f"request {rid}: {counts[-1:]} tokens, expected {osl}"
+    itl = []  # per token: a response carrying k new tokens after a gap g counts k gaps of g/k
+    for (ta, ca), (tb, cb) in zip(zip(stamps, counts), zip(stamps[1:], counts[1:])):
+        if cb > ca:
+            itl += [(tb - ta) / (cb - ca)] * (cb - ca)
+    # TPOT: time per output token after the first, per request (robust to coalesced responses).
+    tpot = (stamps[-1] - stamps[0]) / (counts[-1] - counts[0]) if counts[-1] > counts[0] else float("nan")
+    return {"t0": t0, "ttft": stamps[0] - t0, "end": stamps[-1], "tokens": counts[-1], "itl": itl, "tpot": tpot,
+            "input_tokens": n_in}
+
+
+async def _level(url: str, model: str, prompts: list[str], osl: int, concurrency: int) -> dict:
+    """Closed loop: `concurrency` workers, each sending its share of `prompts` one after another."""
+    import tritonclient.grpc.aio as grpcclient
+
+    clients = [grpcclient.InferenceServerClient(url) for _ in range(min(concurrency, 16))]
+    config = await clients[0].get_model_config(model, as_json=True)
+    batch_dim = int(config["config"].get("max_batch_size", 0)) > 0
+    queue = list(enumerate(prompts))
+    results = []
+
+    async def worker(w):
+        client = clients[w % len(clients)]
+        while queue:
+            i, p = queue.pop(0)
+            results.append(await _one_request(client, model, p, osl, f"w{w}-{i}", batch_dim))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - t0
+    for c in clients:
+        await c.close()
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "itl_mean_s": float(np.mean(itl)) if itl else float("nan"),
+            "tpot_p50_s": percentile([r["tpot"] for r in results], 50),
+            "input_tokens_mean": float(np.mean([r["input_tokens"] or 0 for r in results]))}
+
+
+def drive(url: str, model: str, prompts: list[str], osl: int, concurrency: int) -> dict:
+    return asyncio.run(_level(url, model, prompts, osl, concurrency))
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+def parse_workload(s: str) -> tuple[int, int]:
+    isl, osl = s.split(":")
+    return int(isl), int(osl)
+
+
+def requests_for(concurrency: int, min_requests: int) -> int:
+    return max(concurrency, min_requests)
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+         "numpy": np.__version__, "host": platform.node()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        v |= {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "gpu_mem_bytes": p.total_memory,
+              "sm_count": p.multi_processor_count}
+        try:
+            v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            pass
+    v["tritonserver"] = "2.51 (nvidia-pytriton 0.7.0 wheel)"
+    return v
+
+
+def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrency, min_requests: int,
+                      overrides: dict, log_dir: Path) -> dict:
+    """Export the model, start the server, run every workload x concurrency level through gRPC."""
+    from transformers import AutoTokenizer
+
+    from export import llm as export_llm
+    from serve.launcher import ServerOptions, TritonServer, free_port
+
+    name = shape.replace(".", "_").replace("-", "_")
+    t0 = time.perf_counter()
+    model_dir = export_llm.export(name=name, random_shape=shape, device=device, kind="gpu" if device == "cuda" else "cpu",
+                                  repository=repo, **overrides)
+    export_s = time.perf_counter() - t0
+    ckpt = model_dir / "1" / "checkpoint"
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                         log_file=log_dir / f"tritonserver-{name}.log", ready_timeout_s=600)
+    out = {"shape": shape, "model": name, "export_s": export_s, "levels": []}
+    with GpuMemoryPoller() as mem:
+        t0 = time.perf_counter()
+        with TritonServer(opts) as server:
+            out["server_ready_s"] = time.perf_counter() - t0
+            idle = mem.read() if mem.available else None
+            drive(server.grpc_url, name, make_prompts(tok, 2, 16), 8, 2)  # warm-up: first-request paths
+            for isl, osl in workloads:
+                for c in concurrency:
+                    prompts = make_prompts(tok, requests_for(c, min_requests), isl)
+                    r = drive(server.grpc_url, name, prompts, osl, c) | {"isl": isl, "osl": osl}
+                    print(json.dumps({"shape": shape, **r}), flush=True)
+                    out["levels"].append(r)
+            # TTFT on an idle server: one request at a time, short output.
+            out["ttft_idle"] = []
+            for isl, _ in workloads:
+                rs = [drive(server.grpc_url, name, make_prompts(tok, 1, isl), 1, 1) for _ in range(5)]
+                out["ttft_idle"].append({"isl": isl, "ttft_p50_s": float(np.median([r["ttft_p50_s"] for r in rs]))})
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(server.metrics_url, timeout=5) as f:
+                    out["metrics_sample"] = [l for l in f.read().decode().splitlines() if l.startswith("llm_")][:40]
+            except Exception as e:
+                out["metrics_sample"] = [repr(e)]
+    out["gpu_mem_idle_mib"] = idle
+    out["gpu_mem_peak_mib"] = mem.peak_mib if mem.available else None
+    out["checkpoint"] = str(ckpt)
+    return out
+
+
+def inproc_engine(ckpt: Path, shape: str, device: str, isl: int, osl: int, concurrency: int, overrides: dict,
+                  profile_batches=(1, 64)) -> dict:
+    """The same engine without Triton, same load; plus a profile of its decode steps."""
+    import torch
+
+    from bench import engine_inproc
+    from export import llm as export_llm
+    from llm.engine import Engine
+    from llm.settings import EngineSettings
+
+    settings = EngineSettings(**{**export_llm.SHAPE_SETTINGS.get(shape, {}), **overrides, "checkpoint": str(ckpt)})
+    engine = Engine(settings, device="cuda:0" if device == "cuda" else device)
+    engine.start()
+    try:
+        engine_inproc.engine_run(engine, 16, 8, 2)  # warm-up
+        r = engine_inproc.engine_run(engine, isl, osl, concurrency)
+        r1 = engine_inproc.engine_run(engine, isl, osl, 1)
+    finally:
+        engine.stop()
+    out = {"levels": [r1, r]}
+    if device == "cuda":
+        out["decode_steps"] = engine_inproc.decode_sweep(engine.runner, [b for b in (1, 8, 32, 64)
+                                                                         if b <= engine.runner.num_slots], isl + osl // 2)
+        out["profiles"] = [engine_inproc.profile_decode(engine.runner, b, isl + osl // 2)
+                           for b in profile_batches if b <= engine.runner.num_slots]
+    del engine
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run(shapes, device: str, workloads, concurrency, out_dir: Path, min_requests: int = 1, baseline: bool = True,
+        roofline_: bool = True, inproc: bool = True, overrides: dict | None = None) -> dict:
+    from bench import baseline_hf, roofline
+    from bench.shapes import SHAPES
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
+    result = {"versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "workloads": [f"{i}:{o}" for i, o in workloads], "concurrency": list(concurrency),
+              "engine_overrides": {k: v for k, v in overrides.items()}, "shapes": {}}
+    path = out_dir / "llm_bench.json"
+
+    def save():
+        path.write_text(json.dumps(result, indent=1, default=str))
+
+    if roofline_ and device == "cuda":
+        result["copy_bandwidth"] = roofline.copy_bandwidth()
+        save()
+    with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        for shape in shapes:
+            r = result["shapes"].setdefault(shape, {})
+            try:
+                r["triton"] = serve_and_measure(shape, Path(tmp) / "repo", device, workloads, concurrency,
+                                                min_requests, overrides, out_dir)
+            except Exception as e:
+                r["triton_error"] = repr(e)
+                print(f"triton run failed for {shape}: {e!r}", flush=True)
+            save()
+            if inproc and "triton" in r:
+                try:
+                    isl, osl = workloads[0]
+                    r["inproc"] = inproc_engine(Path(r["triton"]["checkpoint"]), shape, device, isl, osl,
+                                                max(concurrency), overrides)
+                except Exception as e:
+                    r["inproc_error"] = repr(e)
+                    print(f"in-process run failed for {shape}: {e!r}", flush=True)
+                save()
+            if baseline and device == "cuda" and shape in SHAPES:
+                try:
+                    import torch
+
+                    model = baseline_hf.random_model(SHAPES[shape])
+                    r["hf_naive"] = baseline_hf.naive(model, *workloads[0])
+                    del model
+                    torch.cuda.empty_cache()
+                except Exception as e:
+                    r["hf_naive_error"] = repr(e)
+                save()
+            if roofline_ and device == "cuda" and shape in SHAPES:
+                isl, osl = workloads[0]
+                r["roofline"] = roofline.roofline(SHAPES[shape], result["copy_bandwidth"]["bandwidth_Bps"],
+                                                  context=isl + osl // 2)
+                save()
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", action="append", help="random-weight shape(s) from export/llm.py SHAPES")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_CONCURRENCY))
+    ap.add_argument("--workload", nargs="+", default=list(DEFAULT_WORKLOADS), help="ISL:OSL pairs")
+    ap.add_argument("--min-requests", type=int, default=1, help="requests per level at least (default: = concurrency)")
+    ap.add_argument("--out-dir", type=Path, default=Path("results/gpu"))
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--no-inproc", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting override")
+    a = ap.parse_args(argv)
+    from llm.settings import EngineSettings
+
+    overrides = dict(kv.split("=", 1) for kv in a.set)
+    if overrides:
+        parsed = EngineSettings.from_parameters(overrides)
+        overrides = {k: getattr(parsed, k) for k in overrides}
+    shapes = a.shape or (["tinyllama-1.1b", "llama-3.1-8b"] if a.device == "cuda" else ["tiny"])
+    res = run(shapes, a.device, [parse_workload(w) for w in a.workload], a.concurrency, a.out_dir, a.min_requests,
+              not a.no_baseline, not a.no_roofline, not a.no_inproc, overrides)
+    print(f"wrote {a.out_dir / 'llm_bench.json'}")
+    for shape, r in res["shapes"].items():
+        for lv in r.get("triton", {}).get("levels", []):
+            print(f"{shape:16s} {lv['isl']:5d}/{lv['osl']:<4d} c={lv['concurrency']:<3d} {lv['tokens_per_s']:9.1f} tok/s "
+                  f"TTFT p50 {lv['ttft_p50_s'] * 1e3:7.1f} ms  ITL p50 {lv['itl_p50_s'] * 1e3:6.2f} p99 {lv['itl_p99_s'] * 1e3:6.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

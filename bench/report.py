@@ -1,0 +1,338 @@
+"""Benchmark JSON -> markdown report + PNG plots.
+
+    python -m bench.report results/gpu/llm_bench.json --hf-cb results/gpu/hfcb_llama-3.1-8b.json --out-dir results/gpu
+
+Every target of the GPU issue is a row: target, measured figure, pass/miss. Figures come only from
+the JSON files given (nothing is typed in by hand).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+BIG, SMALL = "llama-3.1-8b", "tinyllama-1.1b"
+SHORT, LONG = (128, 256), (2048, 256)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    shape: str
+    unit: str
+    bound: float
+    higher_is_better: bool
+
+    def passed(self, value: float | None) -> bool | None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        return value >= self.bound if self.higher_is_better else value <= self.bound
+
+
+TARGETS = (
+    Target("batch-1 decode (1 / TPOT), 128/256, through Triton", BIG, "tok/s", 160, True),
+    Target("64 streams output throughput, 128/256, through Triton", BIG, "tok/s", 7000, True),
+    Target("64 streams p50 inter-token latency, 128/256", BIG, "ms", 10, False),
+    Target("TTFT idle server, 128-token prompt", BIG, "ms", 15, False),
+    Target("TTFT idle server, 2048-token prompt", BIG, "ms", 80, False),
+    Target("batch-1 decode (1 / TPOT), 128/256, through Triton", SMALL, "tok/s", 700, True),
+    Target("Python backend + gRPC overhead vs in-process engine, 64 streams", BIG, "%", 5, False),
+)
+
+
+ENCODER_TARGET = 50_000  # sentences/s at sequence length 128
+
+
+def level(shape_result: dict, isl_osl: tuple[int, int], concurrency: int) -> dict | None:
+    for lv in shape_result.get("triton", {}).get("levels", []):
+        if (lv["isl"], lv["osl"]) == isl_osl and lv["concurrency"] == concurrency:
+            return lv
+    return None
+
+
+def inproc_level(shape_result: dict, concurrency: int) -> dict | None:
+    for lv in shape_result.get("inproc", {}).get("levels", []):
+        if lv["concurrency"] == concurrency:
+            return lv
+    return None
+
+
+def measure(target: Target, shapes: dict) -> float | None:
+    r = shapes.get(target.shape)
+    if r is None:
+        return None
+    n = target.name
+    if n.startswith("batch-1 decode"):
+        lv = level(r, SHORT, 1)
+        return 1.0 / lv["tpot_p50_s"] if lv and lv.get("tpot_p50_s") else None
+    if n.startswith("64 streams output"):
+        lv = level(r, SHORT, 64)
+        return lv["tokens_per_s"] if lv else None
+    if n.startswith("64 streams p50"):
+        lv = level(r, SHORT, 64)
+        return lv["itl_p50_s"] * 1e3 if lv else None
+    if n.startswith("TTFT idle"):
+        isl = 128 if "128" in n else 2048
+        for t in r.get("triton", {}).get("ttft_idle", []):
+            if t["isl"] == isl:
+                return t["ttft_p50_s"] * 1e3
+        return None
+    if n.startswith("Python backend"):
+        lv, ip = level(r, SHORT, 64), inproc_level(r, 64)
+        return 100.0 * (1 - lv["tokens_per_s"] / ip["tokens_per_s"]) if lv and ip else None
+    raise AssertionError(f"no measure for target {n}")
+
+
+def fmt(x, nd=1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:,.{nd}f}"
+
+
+def targets_table(shapes: dict) -> list[str]:
+    rows = ["| model | target | bound | measured | result |", "|---|---|---|---|---|"]
+    for t in TARGETS:
+        v = measure(t, shapes)
+        ok = t.passed(v)
+        bound = f"{'≥' if t.higher_is_better else '≤'} {fmt(t.bound, 0)} {t.unit}"
+        res = "n/a (not measured)" if ok is None else ("**met**" if ok else "**missed**")
+        rows.append(f"| {t.shape} | {t.name} | {bound} | {fmt(v)} {t.unit if v is not None else ''} | {res} |")
+    return rows
+
+
+def levels_table(shape: str, r: dict) -> list[str]:
+    rows = [f"#### {shape} through Triton (gRPC streaming)", "",
+            "| ISL/OSL | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT p50 ms |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for lv in r.get("triton", {}).get("levels", []):
+        rows.append(f"| {lv['isl']}/{lv['osl']} | {lv['concurrency']} | {lv['requests']} | {fmt(lv['tokens_per_s'])} | "
+                    f"{fmt(lv['ttft_p50_s'] * 1e3)} | {fmt(lv['ttft_p99_s'] * 1e3)} | {fmt(lv['itl_p50_s'] * 1e3, 2)} | "
+                    f"{fmt(lv['itl_p99_s'] * 1e3, 2)} | {fmt(lv.get('tpot_p50_s', float('nan')) * 1e3, 2)} |")
+    return rows
+
+
+def baseline_rows(shape: str, r: dict, hf_cb: list[dict]) -> list[str]:
+    rows = []
+    n = r.get("hf_naive")
+    if n:
+        rows.append(f"| {shape} | transformers `generate` (eager, 1 request) | 1 | {fmt(n['decode_tokens_per_s'])} | {fmt(n['ttft_s'] * 1e3)} | — |")
+    for c in hf_cb:
+        rows.append(f"| {shape} | transformers continuous batching, CUDA graphs {'on' if c['cuda_graph'] else 'off'} | "
+                    f"{c['concurrency']} | {fmt(c['tokens_per_s'])} | {fmt(c['ttft_p50_s'] * 1e3)} | {fmt(c['itl_p50_s'] * 1e3, 2)} |")
+    for lv in r.get("inproc", {}).get("levels", []):
+        rows.append(f"| {shape} | ours, in process | {lv['concurrency']} | {fmt(lv['tokens_per_s'])} | "
+                    f"{fmt(lv['ttft_p50_s'] * 1e3)} | {fmt(lv['itl_p50_s'] * 1e3, 2)} |")
+    for c in (1, 64):
+        lv = level(r, SHORT, c)
+        if lv:
+            rows.append(f"| {shape} | ours, through Triton + gRPC | {c} | {fmt(lv['tokens_per_s'])} | "
+                        f"{fmt(lv['ttft_p50_s'] * 1e3)} | {fmt(lv['itl_p50_s'] * 1e3, 2)} |")
+    rf = r.get("roofline")
+    if rf:
+        rows.append(f"| {shape} | roofline (copy bandwidth / bytes per token) | 1 | {fmt(rf['tokens_per_s'])} | — | — |")
+    return rows
+
+
+def plots(data: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    gpu = data.get("versions", {}).get("gpu", "CPU")
+    for metric, label, scale, fname in (("tokens_per_s", "output tokens/s", 1, "llm_throughput.png"),
+                                        ("ttft_p50_s", "TTFT p50 (ms)", 1e3, "llm_ttft.png"),
+                                        ("itl_p50_s", "inter-token latency p50 (ms)", 1e3, "llm_itl.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        any_line = False
+        for shape, r in data["shapes"].items():
+            by_w: dict[str, list] = {}
+            for lv in r.get("triton", {}).get("levels", []):
+                by_w.setdefault(f"{lv['isl']}/{lv['osl']}", []).append((lv["concurrency"], lv[metric] * scale))
+            for w, pts in by_w.items():
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{shape} {w}")
+                any_line = True
+        if not any_line:
+            plt.close(fig)
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} through Triton — {gpu}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        made.append(fname)
+    # Batch-1 decode: naive vs ours vs roofline.
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    names, vals, colors = [], [], []
+    for shape, r in data["shapes"].items():
+        lv = level(r, SHORT, 1)
+        for label, v, col in ((f"{shape}\nHF generate", (r.get("hf_naive") or {}).get("decode_tokens_per_s"), "gray"),
+                              (f"{shape}\nours (Triton)", 1 / lv["tpot_p50_s"] if lv and lv.get("tpot_p50_s") else None, "C0"),
+                              (f"{shape}\nroofline", (r.get("roofline") or {}).get("tokens_per_s"), "C3")):
+            if v:
+                names.append(label)
+                vals.append(v)
+                colors.append(col)
+    if vals:
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), names, fontsize=6)
+        ax.set_ylabel("batch-1 decode tokens/s")
+        ax.set_yscale("log")
+        ax.set_title(f"batch-1 decode — {gpu}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "llm_batch1.png", dpi=110)
+        made.append("llm_batch1.png")
+    plt.close(fig)
+    return made
+
+
+def overhead_rows(label: str, data: dict) -> list[str]:
+    rows = []
+    for shape, r in data["shapes"].items():
+        lv, ip = level(r, SHORT, 64), inproc_level(r, 64)
+        if lv and ip:
+            rows.append(f"| {label} | {shape} | {fmt(lv['tokens_per_s'])} | {fmt(ip['tokens_per_s'])} | "
+                        f"{fmt(100 * (1 - lv['tokens_per_s'] / ip['tokens_per_s']))} % |")
+    return rows
+
+
+def experiment_section(name: str, e: dict) -> list[str]:
+    """An engine_inproc JSON: decode steps (+ compile flag), prefill timings, profile tables."""
+    lines = [f"### {name}: {e.get('shape')}, torch.compile {'on' if e.get('compile') else 'off'}"
+             f"{', build ' + fmt(e['build_s']) + ' s' if e.get('build_s') else ''}", ""]
+    if e.get("decode"):
+        lines += ["| batch | context | step ms | tok/s |", "|---|---|---|---|"]
+        lines += [f"| {d['batch']} | {d['context']} | {d['step_s'] * 1e3:.2f} | {fmt(d['tokens_per_s'])} |" for d in e["decode"]]
+        lines += [""]
+    for p in e.get("prefill", []):
+        lines += [f"Prefill of one {p['isl']}-token prompt in chunks of {p['chunk']}: **{p['prefill_s'] * 1e3:.1f} ms** wall.", "",
+                  "<details><summary>profile</summary>", "", "```", p["cuda_table"].rstrip(), "```", "", "```",
+                  p["cpu_table"].rstrip(), "```", "", "</details>", ""]
+    for p in e.get("profiles", []):
+        lines += [f"<details><summary>decode profile, batch {p['batch']}</summary>", "", "```", p["cuda_table"].rstrip(),
+                  "```", "", "</details>", ""]
+    return lines
+
+
+def render(data: dict, hf_cb: dict[str, list[dict]] | None = None, encoder: dict | None = None,
+           out_dir: Path | None = None, compare: dict[str, dict] | None = None,
+           experiments: dict[str, dict] | None = None, encoder_compare: dict[str, dict] | None = None) -> str:
+    hf_cb = hf_cb or {}
+    v = data.get("versions", {})
+    lines = ["# GPU benchmark report", "",
+             f"GPU: **{v.get('gpu', 'none (CPU)')}**, driver {v.get('driver', '?')}, CUDA {v.get('cuda', '?')}; "
+             f"torch {v.get('torch')}, transformers {v.get('transformers')}, Python {v.get('python')}, "
+             f"numpy {v.get('numpy')} (model env), tritonserver {v.get('tritonserver')}. "
+             f"Run {data.get('started')} → {data.get('finished', '(unfinished)')}.", "",
+             "Models: random-weight checkpoints made on the device by `export/llm.py --random-shape` "
+             "(bf16; speed does not depend on weight values). Engine settings: export/llm.py defaults"
+             + (", overridden: " + ", ".join(f"`{k}={v}`" for k, v in data["engine_overrides"].items())
+                if data.get("engine_overrides") else "") + ".", ""]
+    bw = data.get("copy_bandwidth")
+    if bw:
+        lines += [f"Measured device copy bandwidth: **{bw['bandwidth_Bps'] / 1e12:.2f} TB/s** (read + write, "
+                  f"{bw['bytes'] / 2**30:.0f} GiB copy, median of repeats).", ""]
+    lines += ["## Targets", ""] + targets_table(data["shapes"])
+    if encoder:
+        best = encoder.get("best_128")
+        ok = None if best is None else best >= ENCODER_TARGET
+        lines += [f"| MiniLM-L6 encoder | sentences/s at sequence length 128, through Triton (perf_analyzer, gRPC) | "
+                  f"≥ {fmt(ENCODER_TARGET, 0)} /s | {fmt(best, 0)} /s | "
+                  f"{'n/a (not measured)' if ok is None else ('**met**' if ok else '**missed**')} |"]
+    lines += [""]
+    lines += ["## Baselines and engines (ISL/OSL 128/256)", "",
+              "| model | engine | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms |", "|---|---|---|---|---|---|"]
+    for shape, r in data["shapes"].items():
+        lines += baseline_rows(shape, r, hf_cb.get(shape, []))
+    lines += [""]
+    for shape, r in data["shapes"].items():
+        lines += levels_table(shape, r) + [""]
+        t = r.get("triton", {})
+        if t:
+            lines += [f"GPU memory in use (nvidia-smi): idle server {t.get('gpu_mem_idle_mib')} MiB, "
+                      f"peak {t.get('gpu_mem_peak_mib')} MiB; export {fmt(t.get('export_s'))} s, "
+                      f"server ready {fmt(t.get('server_ready_s'))} s.", ""]
+        for key in ("triton_error", "inproc_error", "hf_naive_error"):
+            if r.get(key):
+                lines += [f"**{key}**: `{r[key]}`", ""]
+        steps = r.get("inproc", {}).get("decode_steps")
+        if steps:
+            lines += [f"Decode step of our runner alone (CUDA graph replay + argmax + host copy), {shape}:", "",
+                      "| batch | context | step ms | tok/s |", "|---|---|---|---|"]
+            lines += [f"| {s['batch']} | {s['context']} | {s['step_s'] * 1e3:.2f} | {fmt(s['tokens_per_s'])} |" for s in steps]
+            lines += [""]
+        for p in r.get("inproc", {}).get("profiles", []):
+            lines += [f"<details><summary>torch.profiler: {shape} decode, batch {p['batch']}, {p['steps']} steps</summary>",
+                      "", "```", p["cuda_table"].rstrip(), "```", "", "```", p["cpu_table"].rstrip(), "```", "", "</details>", ""]
+    if compare:
+        lines += ["## Python backend + gRPC overhead (64 streams, 128/256)", "",
+                  "| run | model | through Triton tok/s | in process tok/s | overhead |", "|---|---|---|---|---|"]
+        this = ", ".join(f"{k}={v}" for k, v in data.get("engine_overrides", {}).items()) or "defaults"
+        lines += overhead_rows(f"this run ({this})", data)
+        for label, other in compare.items():
+            lines += overhead_rows(label, other)
+        lines += [""]
+        for label, other in compare.items():
+            lines += [f"## Comparison run: {label}", ""]
+            for shape, r in other["shapes"].items():
+                lines += levels_table(shape, r) + [""]
+    for name, e in (experiments or {}).items():
+        lines += experiment_section(name, e)
+    if encoder:
+        lines += ["## Encoder (MiniLM) on the GPU through Triton", "", "| seq len | concurrency | batch | sentences/s | p50 ms | p99 ms |",
+                  "|---|---|---|---|---|---|"]
+        for e in encoder.get("levels", []):
+            lines += [f"| {e['seq_len']} | {e['concurrency']} | {e['batch']} | {fmt(e['sentences_per_s'])} | "
+                      f"{fmt(e['p50_s'] * 1e3, 2)} | {fmt(e['p99_s'] * 1e3, 2)} |"]
+        lines += ["", f"Target: ≥ 50,000 sentences/s at sequence length 128. {encoder.get('note', '')} "
+                  f"Model: {encoder.get('model', '')}, torch.compile on full-batch buckets: {encoder.get('compile', False)}; weights: {encoder.get('weights', '')}; "
+                  f"correctness over gRPC: {encoder.get('correctness')}.", ""]
+        for label, e in (encoder_compare or {}).items():
+            best = max((l.get("sentences_per_s", 0) for l in e.get("levels", []) if l.get("seq_len") == 128), default=0)
+            lines += [f"{label}: best {fmt(best, 0)} sentences/s at 128 tokens.", ""]
+    if out_dir is not None:
+        pngs = plots(data, out_dir)
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench_json", type=Path)
+    ap.add_argument("--hf-cb", type=Path, nargs="*", default=[], help="bench.baseline_hf --continuous JSON files")
+    ap.add_argument("--encoder", type=Path, default=None, help="bench.encoder_gpu JSON")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=JSON", help="other bench.llm runs")
+    ap.add_argument("--experiment", nargs="*", default=[], metavar="LABEL=JSON", help="bench.engine_inproc outputs")
+    ap.add_argument("--encoder-compare", nargs="*", default=[], metavar="LABEL=JSON")
+    ap.add_argument("--notes", type=Path, default=None, help="hand-written analysis (markdown) appended as is")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    a = ap.parse_args(argv)
+
+    def labelled(items):
+        return {k: json.loads(Path(v).read_text()) for k, v in (i.rsplit("=", 1) for i in items)}
+
+    data = json.loads(a.bench_json.read_text())
+    hf_cb = {}
+    for f in a.hf_cb:
+        d = json.loads(f.read_text())
+        hf_cb.setdefault(d["shape"]["name"], []).extend(d["continuous"])
+    enc = json.loads(a.encoder.read_text()) if a.encoder else None
+    out_dir = a.out_dir or a.bench_json.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = render(data, hf_cb, enc, out_dir, labelled(a.compare), labelled(a.experiment), labelled(a.encoder_compare))
+    if a.notes:
+        md += "\n" + a.notes.read_text()
+    (out_dir / "report.md").write_text(md)
+    print(f"wrote {out_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

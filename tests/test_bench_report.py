@@ -1,0 +1,108 @@
+"""bench/report.py: benchmark JSON -> markdown targets table + PNG plots, from a sample JSON."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import report
+from bench.baseline_hf import percentile
+
+
+def level(isl, c, tps, ttft, itl, tpot):
+    return {"isl": isl, "osl": 256, "concurrency": c, "requests": c, "output_tokens": 256 * c, "wall_s": 1.0,
+            "tokens_per_s": tps, "ttft_p50_s": ttft, "ttft_p99_s": ttft * 2, "itl_p50_s": itl, "itl_p99_s": itl * 2,
+            "tpot_p50_s": tpot}
+
+
+SAMPLE = {
+    "versions": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "transformers": "5.17.0",
+                 "python": "3.12.3", "numpy": "1.26.4", "cuda": "13.0", "driver": "580", "tritonserver": "2.51"},
+    "started": "2026-11-22T05:00:00Z", "finished": "2026-11-22T05:05:00Z",
+    "copy_bandwidth": {"bytes": 2**31, "median_s": 0.00143, "bandwidth_Bps": 3.0e12},
+    "shapes": {
+        "llama-3.1-8b": {
+            "triton": {"levels": [level(128, 1, 100.0, 0.05, 0.0099, 0.005),  # 1/TPOT = 200 tok/s: met
+                                  level(128, 64, 6000.0, 0.9, 0.0122, 0.0125),  # 6000 < 7000: missed
+                                  level(2048, 64, 800.0, 8.0, 0.02, 0.04)],
+                       "ttft_idle": [{"isl": 128, "ttft_p50_s": 0.012}, {"isl": 2048, "ttft_p50_s": 0.149}],
+                       "gpu_mem_idle_mib": 56000, "gpu_mem_peak_mib": 62000, "export_s": 20.0, "server_ready_s": 17.0},
+            "inproc": {"levels": [{"engine": "ours-inproc", "isl": 128, "osl": 256, "concurrency": 64,
+                                   "tokens_per_s": 6250.0, "ttft_p50_s": 0.8, "itl_p50_s": 0.012}]},
+            "hf_naive": {"isl": 128, "osl": 256, "ttft_s": 0.06, "total_s": 8.0, "tokens_per_s": 32.0,
+                         "decode_tokens_per_s": 32.1},
+            "roofline": {"shape": "llama-3.1-8b", "tokens_per_s": 199.5, "bytes_per_token": 15043403776},
+        },
+        "tinyllama-1.1b": {"triton_error": "RuntimeError('boom')"},
+    },
+}
+
+
+def rows_by_target(md: str) -> dict[str, str]:
+    out = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("llama-3.1-8b", "tinyllama-1.1b"):
+            out[f"{cells[0]}: {cells[1]}"] = line
+    return out
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    path = tmp_path / "llm_bench.json"
+    path.write_text(json.dumps(SAMPLE))
+    report.main([str(path), "--out-dir", str(tmp_path)])
+    return (tmp_path / "report.md").read_text(), tmp_path
+
+
+def test_each_target_has_its_figure_and_verdict(rendered):
+    md, _ = rendered
+    rows = rows_by_target(md)
+    assert len(rows) == len(report.TARGETS)
+    assert "| 200.0 tok/s | **met** |" in rows["llama-3.1-8b: batch-1 decode (1 / TPOT), 128/256, through Triton"]
+    assert "| 6,000.0 tok/s | **missed** |" in rows["llama-3.1-8b: 64 streams output throughput, 128/256, through Triton"]
+    assert "| 12.2 ms | **missed** |" in rows["llama-3.1-8b: 64 streams p50 inter-token latency, 128/256"]
+    assert "| 12.0 ms | **met** |" in rows["llama-3.1-8b: TTFT idle server, 128-token prompt"]
+    assert "| 149.0 ms | **missed** |" in rows["llama-3.1-8b: TTFT idle server, 2048-token prompt"]
+    assert "| 4.0 % | **met** |" in rows["llama-3.1-8b: Python backend + gRPC overhead vs in-process engine, 64 streams"]
+    # No TinyLlama data: reported as not measured, never as met.
+    assert "n/a (not measured)" in rows["tinyllama-1.1b: batch-1 decode (1 / TPOT), 128/256, through Triton"]
+
+
+def test_header_names_gpu_and_versions_and_errors(rendered):
+    md, _ = rendered
+    assert "GPU: **NVIDIA H100 80GB HBM3**" in md and "torch 2.11.0+cu130" in md and "transformers 5.17.0" in md
+    assert "3.00 TB/s" in md
+    assert "**triton_error**: `RuntimeError('boom')`" in md
+    assert "| llama-3.1-8b | roofline (copy bandwidth / bytes per token) | 1 | 199.5 |" in md
+    assert "| 2048/256 | 64 | 64 | 800.0 | 8,000.0 |" in md
+
+
+def test_plots_are_written_and_linked(rendered):
+    md, out = rendered
+    for png in ("llm_throughput.png", "llm_ttft.png", "llm_itl.png", "llm_batch1.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"![{png}]({png})" in md
+
+
+def test_target_verdicts():
+    t = report.Target("x", "m", "ms", 10, higher_is_better=False)
+    assert t.passed(10.0) is True and t.passed(10.01) is False
+    assert t.passed(None) is None and t.passed(math.nan) is None
+    assert report.Target("y", "m", "tok/s", 160, True).passed(159.9) is False
+
+
+def test_percentile_nearest_rank():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_encoder_target_row(tmp_path):
+    enc = {"best_128": 49999.0, "levels": [{"seq_len": 128, "concurrency": 4, "batch": 256,
+                                            "sentences_per_s": 49999.0, "p50_s": 0.02, "p99_s": 0.03}]}
+    md = report.render(SAMPLE, encoder=enc)
+    assert "| MiniLM-L6 encoder | sentences/s at sequence length 128, through Triton (perf_analyzer, gRPC) | " \
+           "≥ 50,000 /s | 49,999 /s | **missed** |" in md
+    assert "| 128 | 4 | 256 | 49,999.0 | 20.00 | 30.00 |" in md
