@@ -26,6 +26,7 @@ export-trt: setup ## TensorRT engines (needs TensorRT: see docs/tensorrt.md)
 	$(PY) -m export.trt $(TRT_ARGS)
 
 export-trt-docker: export ## TensorRT engines built in nvcr.io/nvidia/tensorrt:24.10-py3 (= the serving container's TensorRT 10.5)
+	$(PY) -m export.trt --make-int8-source  # calibration needs transformers, which the build image lacks
 	bash docker/build_engines.sh $(TRT_ARGS)
 
 doctor: setup ## check this host for serving the repository

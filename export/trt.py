@@ -4,6 +4,7 @@ Runtime on the golden inputs.
 
     python -m export.trt [--precision fp16|fp32|int8] [--workspace-gb N] [--out-repo DIR]
     python -m export.trt --check [--out-repo DIR]     # manifests vs this host, exit 1 on problems
+    python -m export.trt --make-int8-source           # only the symmetric int8 ONNX of int8 engines
 
 Engines only load on the TensorRT version that built them, so build them inside the image matching
 the serving container (docker/build_engines.sh, `make export-trt-docker`). Without TensorRT this
@@ -30,10 +31,11 @@ from export.trt_manifest import (  # noqa: F401  (check_engine_compat is part of
     Gpu, Manifest, check_engine_compat, check_repository, detect_gpus, manifest_path, repo_relative,
     sha256_file, write_manifest,
 )
+from export.trt_int8 import ensure_int8_source, int8_onnx_problems
 from export.trt_options import (
-    BUILD_IMAGE, DEFAULT_OUT_REPO, DEFAULT_PRECISION, DEFAULT_WORKSPACE_GB, GOLDEN_DIR, PRECISIONS, SERVING_IMAGE,
-    SERVING_TRT_VERSION, SPEC_PRECISION, build_options, engine_filename, engine_model_name, profile_shapes,
-    source_onnx, timing_cache_path as default_timing_cache_path,
+    BUILD_IMAGE, DEFAULT_OUT_REPO, DEFAULT_PRECISION, DEFAULT_WORKSPACE_GB, GOLDEN_DIR, INT8_SYMMETRIC, PRECISIONS,
+    SERVING_IMAGE, SERVING_TRT_VERSION, SPEC_PRECISION, build_options, engine_filename, engine_model_name,
+    profile_shapes, source_onnx, timing_cache_path as default_timing_cache_path,
 )
 
 EXIT_NO_TENSORRT = 2
@@ -187,34 +189,6 @@ def build_engine(onnx_path: Path, spec: EncoderSpec, precision: str, out_dir: Pa
     return engine_path
 
 
-def int8_onnx_problems(model) -> list[str]:
-    """Why TensorRT cannot build an int8 engine from this ONNX (an onnx.ModelProto); empty when it can.
-
-    TensorRT takes explicit Q/DQ quantization with symmetric int8 (zero point 0), not ONNX Runtime's
-    dynamic quantization operators nor asymmetric uint8 activations (ORT's quantize_static default).
-    """
-    from onnx import numpy_helper
-
-    nodes = model.graph.node
-    inits = {i.name: i for i in model.graph.initializer}
-    dynamic = sorted({n.op_type for n in nodes} & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                                                   "QLinearMatMul", "QLinearConv"})
-    problems = []
-    if dynamic:
-        problems.append(f"operators {dynamic} (ONNX Runtime integer/dynamic quantization): TensorRT builds int8 only "
-                        f"from QuantizeLinear/DequantizeLinear (Q/DQ) models")
-    qdq = [n for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    if not qdq and not dynamic:
-        problems.append("no QuantizeLinear/DequantizeLinear nodes: not a Q/DQ quantized model")
-    asymmetric = [n.name or n.output[0] for n in qdq if len(n.input) > 2 and n.input[2] in inits
-                  and ((zp := numpy_helper.to_array(inits[n.input[2]])).dtype != np.int8 or zp.any())]
-    if asymmetric:
-        problems.append(f"{len(asymmetric)} Q/DQ nodes with a uint8 or non-zero zero point (first: {asymmetric[0]}): "
-                        f"TensorRT needs symmetric int8; quantize with activation_type=QuantType.QInt8, "
-                        f"weight_type=QuantType.QInt8, extra_options ActivationSymmetric=True, WeightSymmetric=True")
-    return problems
-
-
 # ---- parity
 
 
@@ -308,12 +282,17 @@ def export_trt(spec: EncoderSpec, precision: str = DEFAULT_PRECISION, out_repo: 
     """
     trt = import_tensorrt()
     opts = build_options(trt.__version__, precision)
-    onnx_path = source_onnx(spec, opts.onnx_precision)
-    onnx_model_dir = onnx_path.parent.parent
+    onnx_path, fp32_onnx = source_onnx(spec, opts.onnx_precision), source_onnx(spec, "fp32")
+    if opts.onnx_precision == INT8_SYMMETRIC:  # a build input, made (or found up to date) from the fp32 ONNX
+        ensure_int8_source(spec, fp32_onnx, onnx_path, spec.tolerances[SPEC_PRECISION[precision]])
+    # The served ONNX model whose config (instance count) the engine model copies: a build input has
+    # none, so its fp32 origin's.
+    onnx_model_dir = (fp32_onnx if opts.onnx_precision == INT8_SYMMETRIC else onnx_path).parent.parent
     assert onnx_path.exists(), f"{onnx_path} not found: run `make export` (writes the ONNX variants) first"
     if precision == "int8":
         import onnx
 
+        # A guard on the file actually parsed: TensorRT would reject it later with a less clear message.
         problems = int8_onnx_problems(onnx.load(str(onnx_path), load_external_data=False))
         if problems:
             raise RuntimeError(f"{onnx_path} cannot become a TensorRT int8 engine:\n  " + "\n  ".join(problems))
@@ -343,7 +322,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: build/trt_timing_cache/trt<ver>_sm<cc>.cache")
     p.add_argument("--golden", type=Path, default=None, help="default: tests/golden/<model>.npz")
     p.add_argument("--check", action="store_true", help="only check the engines in --out-repo against this host")
+    p.add_argument("--make-int8-source", action="store_true",
+                   help="only make (or confirm up to date) the symmetric int8 Q/DQ ONNX that --precision int8 "
+                        "builds from; needs no TensorRT (run it on the host: the build image has no tokenizer)")
     args = p.parse_args(argv)
+
+    if args.make_int8_source:
+        spec = ENCODERS[args.model]
+        ensure_int8_source(spec, source_onnx(spec, "fp32"), source_onnx(spec, INT8_SYMMETRIC),
+                           spec.tolerances[SPEC_PRECISION["int8"]])
+        return 0
 
     if args.check:
         results = check_repository(args.out_repo) if args.out_repo.is_dir() else {}

@@ -17,6 +17,12 @@ DEFAULT_WORKSPACE_GB = 4
 # tensorrt_plan model (no engine can exist there, and the pip tritonserver has no TensorRT backend).
 DEFAULT_OUT_REPO = REPO_ROOT / "model_repository_trt"
 TIMING_CACHE_DIR = BUILD_DIR / "trt_timing_cache"
+# Build inputs that are not served models: the symmetric int8 Q/DQ ONNX of int8 engines.
+TRT_SOURCES_DIR = BUILD_DIR / "trt_sources"
+# BuildOptions.onnx_precision of int8 engines: TensorRT's explicit quantization takes only symmetric
+# int8 Q/DQ, so the engine is not built from minilm_int8 (uint8 activations, for ONNX Runtime) but from
+# a symmetric twin made by export/trt_int8.py into TRT_SOURCES_DIR.
+INT8_SYMMETRIC = "int8_symmetric"
 GOLDEN_DIR = REPO_ROOT / "tests" / "golden"  # = export.golden.GOLDEN_DIR (not imported: it pulls in torch)
 # The build image must carry the TensorRT of the serving image (engines are not portable across
 # TensorRT versions): nvcr.io/nvidia/tritonserver:24.10-py3 ships TensorRT 10.5.
@@ -24,7 +30,7 @@ SERVING_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 BUILD_IMAGE = "nvcr.io/nvidia/tensorrt:24.10-py3"
 SERVING_TRT_VERSION = "10.5"
 # Engine precision -> the spec's precision variant (export/specs.py VARIANT_SUFFIX): its model name
-# and its tolerance. An int8 engine comes from the statically quantized Q/DQ ONNX (minilm_int8).
+# and its tolerance. An int8 engine (from the symmetric Q/DQ ONNX) takes int8_static's.
 SPEC_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8_static"}
 
 Shape = tuple[int, ...]
@@ -52,8 +58,8 @@ def profile_shapes(spec: EncoderSpec) -> dict[str, tuple[Shape, Shape, Shape]]:
 class BuildOptions:
     """The precision recipe for one TensorRT major version.
 
-    onnx_precision: the spec precision of the ONNX variant that is parsed
-    (model_repository/<spec.variant_name(onnx_precision)>/1/model.onnx).
+    onnx_precision: which ONNX is parsed (source_onnx): a spec precision variant
+    (model_repository/<spec.variant_name(onnx_precision)>/1/model.onnx) or INT8_SYMMETRIC.
     network_flags / set_flags / clear_flags: NetworkDefinitionCreationFlag and BuilderFlag member names.
     """
 
@@ -70,10 +76,10 @@ def trt_major(version: str) -> int:
 
 def build_options(trt_version: str, precision: str) -> BuildOptions:
     """TensorRT 10: weakly typed network, precision from builder flags (fp16 from the fp32 ONNX, int8
-    from the Q/DQ ONNX with INT8 + FP16 so the unquantized layers may run in fp16).
+    from the symmetric Q/DQ ONNX with INT8 + FP16 so the unquantized layers may run in fp16).
     TensorRT >= 11: the precision flags are gone and every network is strongly typed (the
     STRONGLY_TYPED creation flag is deprecated and ignored, so it is not set): the precision comes
-    from the ONNX itself, so fp16 parses the fp16 ONNX and int8 the Q/DQ ONNX.
+    from the ONNX itself, so fp16 parses the fp16 ONNX and int8 the symmetric Q/DQ ONNX.
     fp32 clears TF32 on both: TF32 matmuls (on by default) would miss the fp32 parity tolerance.
     """
     assert precision in PRECISIONS, f"precision {precision!r} not in {PRECISIONS}"
@@ -84,17 +90,22 @@ def build_options(trt_version: str, precision: str) -> BuildOptions:
         return {
             "fp32": BuildOptions("fp32", strongly_typed=False, clear_flags=("TF32",)),
             "fp16": BuildOptions("fp32", strongly_typed=False, set_flags=("FP16",)),
-            "int8": BuildOptions("int8_static", strongly_typed=False, set_flags=("INT8", "FP16")),
+            "int8": BuildOptions(INT8_SYMMETRIC, strongly_typed=False, set_flags=("INT8", "FP16")),
         }[precision]
     return {
         "fp32": BuildOptions("fp32", strongly_typed=True, clear_flags=("TF32",)),
         "fp16": BuildOptions("fp16", strongly_typed=True),
-        "int8": BuildOptions("int8_static", strongly_typed=True),
+        "int8": BuildOptions(INT8_SYMMETRIC, strongly_typed=True),
     }[precision]
 
 
-def source_onnx(spec: EncoderSpec, onnx_precision: str, repo: Path = MODEL_REPOSITORY) -> Path:
-    """The ONNX written by export/encoder.py for a spec precision variant (BuildOptions.onnx_precision)."""
+def source_onnx(spec: EncoderSpec, onnx_precision: str, repo: Path = MODEL_REPOSITORY,
+                sources_dir: Path = TRT_SOURCES_DIR) -> Path:
+    """The ONNX an engine is parsed from (BuildOptions.onnx_precision): the one written by
+    export/encoder.py for a spec precision variant, or for INT8_SYMMETRIC the build input
+    sources_dir/<name>_int8_sym.onnx (export/trt_int8.py, made from the fp32 ONNX)."""
+    if onnx_precision == INT8_SYMMETRIC:
+        return sources_dir / f"{spec.name}_int8_sym.onnx"
     return repo / spec.variant_name(onnx_precision) / "1" / "model.onnx"
 
 
