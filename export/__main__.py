@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from export import encoder, llm, pipeline
 
     steps = [
-        ("encoder (ONNX fp32/int8, validated)", lambda: encoder.export_default(force=a.force)),
+        ("encoder (ONNX fp32/fp16/int8, validated)", lambda: encoder.export_default(force=a.force)),
         ("text pipeline", lambda: pipeline.export_pipeline()),
         ("tiny LLM (random weights)", lambda: llm.export_default(force=a.force)),
     ]

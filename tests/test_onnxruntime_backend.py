@@ -178,7 +178,7 @@ def served_encoders() -> list[str]:
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("model", served_encoders() or [pytest.param("none", marks=pytest.mark.skip("no golden files: run `make export`"))])
+@pytest.mark.parametrize("model", served_encoders() or ["no encoder with a golden file: run `make export`"])
 def test_golden_replay(embedding_server, model, protocol):
     """The export-time inputs through the server match the PyTorch reference within the variant's tolerance."""
     g = golden.load(golden.path_for(model, GOLDEN_DIR))
