@@ -30,6 +30,8 @@ from llm.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+# A first token later than this after arrival is logged with where the time went (queue, slot, prefill).
+SLOW_FIRST_TOKEN_S = 1.0
 
 
 @dataclass
@@ -53,15 +55,18 @@ class Request:
     stream: bool = True
     prefix_text: str = ""  # echoed prompt (exclude_input_in_output=false): starts the first response
     is_cancelled: Callable[[], bool] | None = None
-    arrival: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here
 
 
 class Metrics:
     """Engine observability hooks; the Triton model overrides them with pb_utils metrics."""
 
     def first_token(self, seconds: float) -> None: ...
-    def step(self, seconds: float | None, tokens: int) -> None: ...  # time since the previous decode step (None: a prefill), new tokens
+    def step(self, seconds: float | None, tokens: int) -> None: ...  # time since the previous decode step (None: a prefill or the first decode after idle), new tokens
     def gauges(self, running: int, waiting: int, kv_usage: float) -> None: ...
+    # A request finished (called before its final response is emitted): flush counters now, so
+    # that a client that has received the final response reads totals that include its tokens.
+    def finished(self) -> None: ...
 
 
 class _Seq:
@@ -77,6 +82,9 @@ class _Seq:
         self.sent = 0  # chars of self.text already emitted
         self.prefix = req.prefix_text
         self.unsent_tokens = 0
+        self.streamed = False  # a streaming response was sent: the first one goes out at once
+        self.queued_at = time.perf_counter()  # taken from the engine's incoming queue
+        self.admitted_at: float | None = None  # got a KV slot
         self.detok = engine._decode_stream()
         self.generator = None if self.p.greedy else make_generator(self.p.seed, engine.device)
         self.first_token_at: float | None = None
@@ -128,8 +136,10 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------
 
     def make_request(self, text: str, params: SamplingParams, emit: Callable[[Output], None], stream: bool = True,
-                     echo: bool = False, is_cancelled: Callable[[], bool] | None = None) -> Request:
-        """Tokenize and validate; raises ValueError naming the field (-> INVALID_ARGUMENT)."""
+                     echo: bool = False, is_cancelled: Callable[[], bool] | None = None,
+                     arrival: float | None = None) -> Request:
+        """Tokenize and validate; raises ValueError naming the field (-> INVALID_ARGUMENT).
+        arrival: perf_counter() when the request reached the server (default: now)."""
         validate(params, self.settings.max_tokens_cap)
         ids = self.tokenizer(text)["input_ids"]
         if not ids:
@@ -137,7 +147,10 @@ class Engine:
         if len(ids) >= self.max_context:
             raise ValueError(f"text_input: prompt has {len(ids)} tokens; the context limit is "
                              f"{self.max_context} (prompt + at least one generated token)")
-        return Request(ids, params, emit, stream=stream, prefix_text=text if echo else "", is_cancelled=is_cancelled)
+        req = Request(ids, params, emit, stream=stream, prefix_text=text if echo else "", is_cancelled=is_cancelled)
+        if arrival is not None:
+            req.arrival = arrival
+        return req
 
     def submit(self, req: Request) -> None:
         self._incoming.put(req)
@@ -209,6 +222,7 @@ class Engine:
         while self.waiting and self.runner.cache.num_free:
             seq = self.waiting.pop(0)
             seq.slot = self.runner.cache.allocate()
+            seq.admitted_at = time.perf_counter()
             self.running.append(seq)
 
     def _run_batch(self, fn, seqs: list[_Seq]) -> None:
@@ -246,8 +260,8 @@ class Engine:
             if seq.num_prefilled == seq.prompt_len:
                 done.append(b)
         if done:
-            self._sample_and_append(logits[done], [chunks[b][0] for b in done])
-            self.metrics.step(None, len(done))  # first tokens: counted, but not an inter-token latency
+            self.metrics.step(None, len(done))  # first tokens: counted (before a finish flushes), not an ITL
+            self._sample_and_append(logits[to_device(done, logits.device)], [chunks[b][0] for b in done])
 
     def _decode_step(self) -> None:
         """Launch the next decode, then read and process the previous one's tokens.
@@ -327,8 +341,8 @@ class Engine:
         ids = host.tolist()
         now = time.perf_counter()
         live = [(seq, tok) for seq, tok in zip(seqs, ids) if not seq.done]
-        if self._last_decode is not None:
-            self.metrics.step(now - self._last_decode, len(live))
+        # Every token is counted; only steps that follow a decode step are an inter-token latency.
+        self.metrics.step(None if self._last_decode is None else now - self._last_decode, len(live))
         self._last_decode = now
         for seq, tok in live:
             self._append_safely(seq, tok, now)
@@ -343,7 +357,7 @@ class Engine:
         return sample(logits, [seq.p for seq in seqs], [seq.generator for seq in seqs])
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
-        next_ids = self._sample(logits, seqs, [len(seq.out_ids) for seq in seqs]).tolist()
+        next_ids = _to_host(self._sample(logits, seqs, [len(seq.out_ids) for seq in seqs]))
         now = time.perf_counter()
         for seq, tok in zip(seqs, next_ids):
             self._append_safely(seq, tok, now)
@@ -358,7 +372,14 @@ class Engine:
     def _append(self, seq: _Seq, tok: int, now: float) -> None:
         if seq.first_token_at is None:
             seq.first_token_at = now
-            self.metrics.first_token(now - seq.req.arrival)
+            ttft = now - seq.req.arrival
+            self.metrics.first_token(ttft)
+            if ttft > SLOW_FIRST_TOKEN_S:  # where did the time go?
+                log.warning("slow first token: %.3f s after arrival = %.3f s until the engine took it, "
+                            "%.3f s waiting for a KV slot, %.3f s in prefill (prompt %d tokens, %d running, "
+                            "%d waiting)", ttft, seq.queued_at - seq.req.arrival,
+                            (seq.admitted_at or now) - seq.queued_at, now - (seq.admitted_at or now),
+                            seq.prompt_len, len(self.running), len(self.waiting))
         seq.out_ids.append(tok)
         seq.unsent_tokens += 1
         p = seq.p
@@ -378,11 +399,13 @@ class Engine:
                 return self._finish(seq, STOP, flush=False)
         if n_out >= p.max_tokens or seq.num_tokens >= self.max_context:
             return self._finish(seq, LENGTH)
-        if seq.req.stream and seq.unsent_tokens >= self.settings.stream_interval:
+        # The first streamed response goes out as soon as there is text (TTFT), later ones
+        # every `stream_interval` tokens.
+        if seq.req.stream and (seq.unsent_tokens >= self.settings.stream_interval or not seq.streamed):
             end = len(seq.text) - _held_back(seq.text, p.stop)
             if end > seq.sent or seq.prefix:
                 self._emit(seq, seq.prefix + seq.text[seq.sent : end], None)
-                seq.prefix, seq.sent, seq.unsent_tokens = "", end, 0
+                seq.prefix, seq.sent, seq.unsent_tokens, seq.streamed = "", end, 0, True
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None, flush: bool = True) -> None:
         if seq.done:
@@ -401,6 +424,7 @@ class Engine:
             text = seq.prefix + seq.text[seq.sent :]
         else:
             text = ""
+        self.metrics.finished()
         self._emit(seq, text, reason, error)
 
     def _emit(self, seq: _Seq, text: str, reason: str | None, error: str | None = None) -> None:
@@ -462,6 +486,19 @@ class Engine:
         else:
             done.wait()
         return results
+
+
+def _to_host(t: torch.Tensor) -> list:
+    """A small device tensor as a list. On CUDA, wait on an event (which releases the GIL, so other
+    threads, e.g. Triton's execute() handing in new requests, run meanwhile), then copy."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    ready.synchronize()
+    return host.tolist()
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -68,10 +68,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same op order as HF (normalize in fp32, cast back, then scale) to be token-identical.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # F.rms_norm without a weight is that normalization, in one fused kernel where torch has one.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -87,24 +85,24 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(a.hidden_size, q + 2 * kv, bias=a.qkv_bias)
         self.wo = nn.Linear(q, a.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, rows, pos, kv_len):
-        # x: [B, T, hidden]; cos/sin: [B, T, D]; mask: [B, 1, T, L] bool; pos: [B, T]
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, rows, idx, kv_len):
+        # x: [B, T, hidden]; cos/sin: [B, T, 1, D]; mask: [B, 1, n_rep*T, L] additive (0 / -inf), in x's dtype
         # k_cache/v_cache: this layer's [S, KVH, max_context, D]; rows: [B] slot per row or None
-        # (None: row b is slot b, the decode layout, so reads are views, not gathers).
+        # (None: row b is slot b, the decode layout, so reads are views, not gathers);
+        # idx: KV-cache write index (slot, head, pos), each broadcasting to [B, KVH, T].
+        # The per-forward pieces (rope tables, mask, idx) are built once in Transformer.forward:
+        # fewer kernels per layer (decode is bound by kernel count, prefill by launches).
         a = self.a
         B, T, _ = x.shape
         H, KVH, D = a.num_heads, a.num_kv_heads, a.head_dim
-        q, k, v = self.wqkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, KVH, D).transpose(1, 2)  # [B, KVH, T, D]
-        v = v.view(B, T, KVH, D).transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        qkv = self.wqkv(x).view(B, T, H + 2 * KVH, D)
+        # RoPE on q and k together (one set of elementwise kernels for both heads groups).
+        qk = qkv[:, :, : H + KVH]
+        qk = qk * cos + rotate_half(qk) * sin  # [B, T, H+KVH, D]
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        k = qk[:, :, H:].transpose(1, 2)  # [B, KVH, T, D]
+        v = qkv[:, :, H + KVH :].transpose(1, 2)
         # Write the new keys/values at their positions: cache[slot, h, pos] = k[b, h, t].
-        slot = torch.arange(B, device=x.device) if rows is None else rows
-        heads = torch.arange(KVH, device=x.device)
-        idx = (slot[:, None, None], heads[None, :, None], pos[:, None, :])  # each broadcasts to [B, KVH, T]
         k_cache.index_put_(idx, k.to(k_cache.dtype))
         v_cache.index_put_(idx, v.to(v_cache.dtype))
         if rows is None:
@@ -115,8 +113,7 @@ class Attention(nn.Module):
         # axis (HF's repeat_kv maps query head h to kv head h // n_rep).
         n_rep = H // KVH
         q = q.reshape(B, KVH, n_rep * T, D)
-        m = mask.unsqueeze(2).expand(B, 1, n_rep, T, kv_len).reshape(B, 1, n_rep * T, kv_len)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=m)  # [B, KVH, n_rep*T, D]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, KVH, n_rep*T, D]
         # reshape, not view: CUDA SDPA kernels may return a non-contiguous layout (seen on H100).
         y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y)
@@ -142,8 +139,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.ffn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, rows, pos, kv_len):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, rows, pos, kv_len)
+    def forward(self, x, cos, sin, mask, k_cache, v_cache, rows, idx, kv_len):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, rows, idx, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -179,12 +176,22 @@ class Transformer(nn.Module):
         assert tokens.shape == pos.shape and tokens.dim() == 2, f"{tokens.shape} vs {pos.shape}"
         assert kv_len <= self.max_context, f"kv_len {kv_len} > max_context {self.max_context}"
         B, T = tokens.shape
+        a = self.args
+        n_rep = a.num_heads // a.num_kv_heads
+        dev = tokens.device
         x = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, D]
-        ctx = torch.arange(kv_len, device=tokens.device)
-        mask = (ctx[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]: causal by position
+        cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)  # [B, T, 1, D]
+        ctx = torch.arange(kv_len, device=dev)
+        allowed = ctx[None, None, :] <= pos[:, :, None]  # [B, T, L]: causal by position
+        # GQA folds the n_rep query heads of a KV head into the query axis (row r*T + t): repeat the
+        # mask to match, as an additive mask in x's dtype (what SDPA makes of a bool mask, once).
+        allowed = allowed.unsqueeze(1).expand(B, n_rep, T, kv_len).reshape(B, 1, n_rep * T, kv_len)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        slot = torch.arange(B, device=dev) if rows is None else rows
+        heads = torch.arange(a.num_kv_heads, device=dev)
+        idx = (slot[:, None, None], heads[None, :, None], pos[:, None, :])  # each broadcasts to [B, KVH, T]
         for layer, (kc, vc) in zip(self.layers, caches):
-            x = layer(x, cos, sin, mask, kc, vc, rows, pos, kv_len)
+            x = layer(x, cos, sin, mask, kc, vc, rows, idx, kv_len)
         if last is None:
             x = x[:, -1]
         else:

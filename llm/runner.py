@@ -85,8 +85,10 @@ class ModelRunner:
         """tokens/pos [B, T] (padding at pos max_context-1), rows [B] slots, last [B] -> logits [B, V]."""
         kv_len = int(pos.masked_fill(pos == self.max_context - 1, 0).max()) + 1
         kv_len = min(self.max_context, -(-kv_len // 16) * 16)  # round up: aligned attention kernels
-        return self.model(tokens.to(self.device), pos.to(self.device), self.cache.layers,
-                          rows.to(self.device), kv_len, last.to(self.device))
+        # Pinned, non-blocking copies: a pageable copy would wait for the decode step in flight.
+        d = self.device
+        return self.model(to_device(tokens, d), to_device(pos, d), self.cache.layers, to_device(rows, d), kv_len,
+                          to_device(last, d))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, max_pos: int,

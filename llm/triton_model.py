@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +30,69 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Histogram buckets (seconds): TTFT spans ms..s; inter-token latency sub-ms..100s of ms.
 TTFT_BUCKETS = [0.005, 0.01, 0.015, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 ITL_BUCKETS = [0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+# How often the sender thread polls request.is_cancelled() of the live requests (one IPC each).
+CANCEL_POLL_S = 0.05
+
+log = logging.getLogger(__name__)
+
+
+class Sender:
+    """The one thread that talks to the server process: every pb_utils call that is an IPC round
+    trip (response sends, metric updates, cancellation polls) runs here, in submission order, so
+    the engine thread never waits on IPC. One FIFO queue keeps each request's responses in order,
+    and a counter flush posted before a final response reaches the server before that response."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[int, tuple] = {}  # key -> (triton request, state list); touched on this thread only
+        self._thread = threading.Thread(target=self._loop, name="llm-sender", daemon=True)
+        self._thread.start()
+
+    def post(self, fn) -> None:
+        self._q.put(fn)
+
+    def track(self, key: int, request, state: list) -> None:
+        """Poll request.is_cancelled() here every CANCEL_POLL_S until untrack(key); state[0] = the flag."""
+        self.post(lambda: self._live.__setitem__(key, (request, state)))
+
+    def untrack(self, key: int) -> None:
+        """On the Sender thread only (in the call that sends the final response)."""
+        self._live.pop(key, None)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._q.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        next_poll = time.monotonic() + CANCEL_POLL_S
+        while True:
+            try:
+                fn = self._q.get(timeout=max(0.0, next_poll - time.monotonic()))
+            except queue.Empty:
+                fn = False
+            if fn is None:
+                return
+            if fn:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - one failed call must not stop the others
+                    log.error("sender: %s", traceback.format_exc())
+            if time.monotonic() >= next_poll:
+                for request, state in list(self._live.values()):
+                    try:
+                        state[0] = state[0] or request.is_cancelled()
+                    except Exception:  # noqa: BLE001 - the request is gone: cancel it
+                        state[0] = True
+                next_poll = time.monotonic() + CANCEL_POLL_S
 
 
 class TritonMetrics(Metrics):
-    """Engine metrics as Triton custom metrics (served on the metrics port with Triton's own)."""
+    """Engine metrics as Triton custom metrics (served on the metrics port with Triton's own). Every
+    metric call is an IPC, so they are posted to the Sender thread."""
 
-    def __init__(self, labels: dict[str, str]):
+    def __init__(self, labels: dict[str, str], sender: Sender):
+        self.post = sender.post
         F = pb_utils.MetricFamily
         self.families = [
             F("llm_time_to_first_token_seconds", "Time from request arrival to its first generated token", F.HISTOGRAM),
@@ -55,23 +116,31 @@ class TritonMetrics(Metrics):
         self.families.clear()
 
     def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
+        self.post(lambda: self.ttft.observe(seconds))
 
     def step(self, seconds: float | None, tokens: int) -> None:
         if tokens and seconds is not None:
-            self.itl.observe(seconds)
+            self.post(lambda: self.itl.observe(seconds))
         self._pending_tokens += tokens
 
-    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
-        # Called at most every metrics_interval_s: each metric call is an IPC to the server.
+    def finished(self) -> None:
+        self._flush_tokens()
+
+    def _flush_tokens(self) -> None:
         if self._pending_tokens:
-            self.tokens.increment(self._pending_tokens)
-            self._pending_tokens = 0
+            n, self._pending_tokens = self._pending_tokens, 0
+            self.post(lambda: self.tokens.increment(n))
+
+    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
+        # Called at most every metrics_interval_s (and when idle).
+        self._flush_tokens()
         now = (running, waiting, round(kv_usage, 4))
         if now != self._last:
-            self.running.set(running)
-            self.waiting.set(waiting)
-            self.kv.set(kv_usage)
+            def update():
+                self.running.set(running)
+                self.waiting.set(waiting)
+                self.kv.set(kv_usage)
+            self.post(update)
             self._last = now
 
 
@@ -105,7 +174,8 @@ class TritonPythonModel:
         self.batched = cfg.get("max_batch_size", 0) > 0  # outputs then carry a leading batch dim of 1
         self.input_names = {i["name"] for i in cfg["input"]}
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.metrics = TritonMetrics(labels)
+        self.sender = Sender()
+        self.metrics = TritonMetrics(labels, self.sender)
         logging.basicConfig(level=logging.INFO)
         try:
             self.engine = Engine(settings, base_dir, device, self.metrics)
@@ -122,10 +192,11 @@ class TritonPythonModel:
                              f"{self.engine.max_context} positions, settings {settings}")
 
     def execute(self, requests):
+        arrival = time.perf_counter()
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.engine.submit(self._make_request(request, sender))
+                self.engine.submit(self._make_request(request, sender, arrival))
             except ValueError as e:
                 err = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=err), flags=FINAL)
@@ -133,7 +204,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(repr(e))), flags=FINAL)
         return None
 
-    def _make_request(self, request, sender):
+    def _make_request(self, request, sender, arrival: float):
         texts = _strings(request, "text_input")
         if len(texts) != 1:
             raise ValueError(f"text_input: expected one string, got {len(texts)}")
@@ -155,31 +226,51 @@ class TritonPythonModel:
         echo = not bool(_scalar(request, "exclude_input_in_output", True))
         want_in = bool(_scalar(request, "return_num_input_tokens", False))
         want_out = bool(_scalar(request, "return_num_output_tokens", False))
-        emit = self._emitter(sender, want_in, want_out)
-        return self.engine.make_request(texts[0], params, emit, stream=stream, echo=echo,
-                                        is_cancelled=request.is_cancelled)
+        # Cancellation: the Sender thread polls request.is_cancelled() (an IPC) and sets the flag;
+        # the engine reads only the flag. A failed send also sets it (the client went away).
+        state = [False, False]  # [cancelled, a send failed]
+        emit = self._emitter(sender, want_in, want_out, state)
+        req = self.engine.make_request(texts[0], params, emit, stream=stream, echo=echo,
+                                       is_cancelled=lambda: state[0], arrival=arrival)
+        self.sender.track(id(state), request, state)  # same key as the emitter's
+        return req
 
-    def _emitter(self, sender, want_in: bool, want_out: bool):
+    def _emitter(self, sender, want_in: bool, want_out: bool, state: list):
         shape = (1, 1) if self.batched else (1,)
+        post, untrack = self.sender.post, self.sender.untrack
+        key = id(state)
 
         def tensor(name, values, dtype):
             return pb_utils.Tensor(name, np.array(values, dtype=dtype).reshape(shape))
 
-        def emit(o: Output) -> None:
+        def send(o: Output) -> None:  # on the Sender thread
             if o.error is not None:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(o.error)), flags=FINAL)
-                return
-            outs = [tensor("text_output", [o.text.encode("utf-8")], np.object_)]
+                response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(o.error))
+            else:
+                outs = [tensor("text_output", [o.text.encode("utf-8")], np.object_)]
+                if o.finished:
+                    outs.append(tensor("finish_reason", [o.finish_reason.encode()], np.object_))
+                if want_in:
+                    outs.append(tensor("num_input_tokens", [o.num_input_tokens], np.int32))
+                if want_out:
+                    outs.append(tensor("num_output_tokens", [o.num_output_tokens], np.int32))
+                response = pb_utils.InferenceResponse(output_tensors=outs)
             if o.finished:
-                outs.append(tensor("finish_reason", [o.finish_reason.encode()], np.object_))
-            if want_in:
-                outs.append(tensor("num_input_tokens", [o.num_input_tokens], np.int32))
-            if want_out:
-                outs.append(tensor("num_output_tokens", [o.num_output_tokens], np.int32))
-            sender.send(pb_utils.InferenceResponse(output_tensors=outs), flags=FINAL if o.finished else 0)
+                untrack(key)  # before the send: no cancellation poll of a completed request
+            if state[1] or (state[0] and not o.finished):
+                return  # the client is gone, or cancelled: only the final response is still sent
+            try:
+                sender.send(response, flags=FINAL if o.finished else 0)
+            except Exception:  # the client went away: the engine cancels the request at its next check
+                state[0] = state[1] = True
+                raise
+
+        def emit(o: Output) -> None:  # on the engine thread: queue it, never wait
+            post(lambda: send(o))
 
         return emit
 
     def finalize(self):
-        self.engine.stop()  # joins the engine thread: nothing uses the metrics after this
+        self.engine.stop()  # joins the engine thread (final responses of what was in flight are queued)
+        self.sender.close()  # sends them; nothing uses the metrics after this
         self.metrics.close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export.llm import write_random_checkpoint
-from llm.engine import Engine, _held_back
+from llm.engine import Engine, Metrics, _held_back
 from llm.kv_cache import slots_within_budget
 from llm.sampling import SamplingParams
 from llm.settings import EngineSettings
@@ -88,6 +88,48 @@ def test_stream_interval_coalesces(checkpoint):
         ["Hello world"], SamplingParams(max_tokens=16, ignore_eos=True), stream=True)[0]
     assert r["text"] == per_token["text"]
     assert len(r["chunks"]) <= 16 // 4 + 1 < len(per_token["chunks"])
+
+
+def test_first_streamed_response_is_not_coalesced(checkpoint):
+    # TTFT: with stream_interval=8 the first response still carries only the first token; the
+    # following ones carry 8 tokens each, the final one the rest.
+    e = make_engine(checkpoint, max_slots=2, max_context=256, stream_interval=8)
+    outs = []
+    e.submit(e.make_request("Hello world", SamplingParams(max_tokens=20, ignore_eos=True), outs.append))
+    while not (outs and outs[-1].finished):
+        e.step()
+    assert outs[0].text != "" and not outs[0].finished
+    assert [o.num_output_tokens for o in outs] == [1, 9, 17, 20]
+    per_token = make_engine(checkpoint, max_slots=2, max_context=256).generate(
+        ["Hello world"], SamplingParams(max_tokens=20, ignore_eos=True), stream=True)[0]
+    assert outs[0].text == per_token["chunks"][0]
+    assert "".join(o.text for o in outs) == per_token["text"]
+
+
+class CountingMetrics(Metrics):
+    def __init__(self):
+        self.tokens, self.at_finish = 0, []
+
+    def step(self, seconds, tokens):
+        self.tokens += tokens
+
+    def finished(self):
+        self.at_finish.append(self.tokens)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_token_counter_complete_at_finish(checkpoint, overlap):
+    # Every generated token is counted (the first decode after an idle engine too), and the count
+    # is complete when finished() is called, i.e. before the final response is emitted.
+    m = CountingMetrics()
+    e = Engine(EngineSettings(checkpoint=str(checkpoint), cpu_threads=1, max_slots=4, max_context=256,
+                              overlap=overlap), metrics=m)
+    for n in (8, 1):
+        r = e.generate(["Hello world"], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        assert r["num_output_tokens"] == n
+    assert m.at_finish == [8, 9]
+    results = e.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    assert m.tokens == m.at_finish[-1] == 9 + sum(r["num_output_tokens"] for r in results)
 
 
 def test_seeded_sampling_is_reproducible(engine):

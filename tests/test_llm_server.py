@@ -17,6 +17,7 @@ from export.llm import export
 from tests.server_fixtures import start_server
 
 MODEL = "tiny_llama"
+MODEL_SI8 = "tiny_llama_si8"  # the same checkpoint, one response every 8 tokens (stream_interval=8)
 SLOTS = 8  # fewer than the 16/32 concurrent requests below: requests also wait for slots
 MAX_TOKENS = 16
 LONG = 400  # max_tokens_cap of the test model; the cancellation test asks for this many
@@ -36,6 +37,7 @@ PROMPTS = [  # mixed lengths: 2 to ~130 tokens
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("llm_repo")
     export(repository=repo, max_slots=SLOTS, max_tokens_cap=LONG)
+    export(name=MODEL_SI8, repository=repo, max_slots=2, max_tokens_cap=LONG, stream_interval=8)
     with start_server(repo) as s:
         yield s
 
@@ -130,10 +132,10 @@ def test_max_tokens_honoured(server):
         assert r.num_input_tokens == 2  # BOS + "Hello"
 
 
-def _metric(server, name: str) -> float:
+def _metric(server, name: str, model: str = MODEL) -> float:
     with urllib.request.urlopen(server.metrics_url, timeout=5) as f:
         text = f.read().decode()
-    m = re.search(rf'^{name}{{[^}}]*model="{MODEL}"[^}}]*}} (\S+)$', text, re.M)
+    m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
 
@@ -220,6 +222,26 @@ def test_metrics_exported(server):
     assert _metric(server, "llm_inter_token_latency_seconds_count") >= 1
     assert _metric(server, "llm_kv_cache_usage_ratio") == 0.0
     assert _metric(server, "llm_requests_waiting") == 0
+
+
+def test_token_counter_current_at_final_response(server):
+    # The counter is flushed before the final response is sent: no waiting for a metrics interval.
+    for n in (8, 1, 13):
+        before = _metric(server, "llm_generated_tokens_total")
+        run(server, "Hello", max_tokens=n, ignore_eos=True)
+        assert _metric(server, "llm_generated_tokens_total") - before == n
+
+
+def test_first_streamed_response_not_coalesced(server):
+    # stream_interval=8 coalesces later responses, but the first one carries the first token only.
+    per_token = run(server, "Hello world", max_tokens=20, ignore_eos=True)
+    coalesced = generate("Hello world", server.grpc_url, MODEL_SI8, max_tokens=20, ignore_eos=True,
+                         return_num_output_tokens=True)
+    assert coalesced.error is None, coalesced.error
+    assert len(per_token.chunks) >= 17 and per_token.chunks[0] != ""
+    assert coalesced.chunks[0] == per_token.chunks[0]
+    assert len(coalesced.chunks) == 4  # tokens 1 | 2-9 | 10-17 | 18-20 (final)
+    assert coalesced.text == per_token.text and coalesced.num_output_tokens == 20
 
 
 def test_http_client_library(server, reference):
