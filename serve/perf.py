@@ -55,10 +55,14 @@ def perf_command(model: str, url: str, protocol: str, repo: Path, extra: list[st
     header = f"{ADMIN_GRPC_HEADER if protocol == 'grpc' else ADMIN_HEADER}:{admin_token}"
     cmd = [str(paths.perf_analyzer_bin()), "-m", model, "-u", url, "-i", protocol, "-H", header,
            *shape_args(config, sequence)]
+    given = any(a.startswith("--input-data") for a in extra)
     if config.model_transaction_policy.decoupled:
         doc = data_dir / f"{model}-input.json"
         doc.write_text(json.dumps(llm_input_data(config, DEFAULT_PROMPT, DEFAULT_MAX_TOKENS)))
-        cmd += ["--streaming", f"--input-data={doc}"]
+        cmd += ["--streaming"] + ([] if given else [f"--input-data={doc}"])
+    elif not given:
+        # perf_analyzer's default random data puts token ids out of the vocabulary; zeros are valid ids.
+        cmd.append("--input-data=zero")
     return cmd + extra
 
 

@@ -19,6 +19,14 @@ def test_shapes_derived_from_config(tmp_path):
     assert perf.shape_args(config, 16) == ["--shape=x:16"]
 
 
+def test_default_input_data_is_valid_for_token_ids(tmp_path):
+    write_add_one_model(tmp_path)
+    cmd = perf.perf_command("add_one", "u", "grpc", tmp_path, [], 16, tmp_path, "t")
+    assert "--input-data=zero" in cmd
+    mine = perf.perf_command("add_one", "u", "grpc", tmp_path, ["--input-data=random"], 16, tmp_path, "t")
+    assert "--input-data=zero" not in mine and mine[-1] == "--input-data=random"
+
+
 def test_llm_input_data_follows_the_contract():
     from tritonclient.grpc import model_config_pb2 as mc
 
