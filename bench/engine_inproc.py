@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 
 from bench.baseline_hf import percentile, random_model, random_prompts
@@ -140,46 +139,16 @@ def profile_prefill(runner, isl: int, chunk: int, repeats: int = 5, top: int = 1
 
 def engine_run(engine, isl: int, osl: int, concurrency: int, seed: int = 0) -> dict:
     """`concurrency` streaming requests of isl random token ids, ignore_eos, exactly osl tokens."""
-    from llm.engine import Request
+    from llm.bench import per_token_gaps, run_streams
     from llm.sampling import SamplingParams
 
     prompts = random_prompts(concurrency, isl, engine.runner.vocab_size, seed=seed + concurrency)
     params = SamplingParams(max_tokens=osl, ignore_eos=True, min_tokens=osl)
-    stamps = [[] for _ in prompts]
-    counts = [0] * len(prompts)
-    done = threading.Event()
-    left = [len(prompts)]
-    lock = threading.Lock()
-
-    cum = [[] for _ in prompts]  # cumulative output tokens at each response
-
-    def emitter(i):
-        def emit(o):
-            stamps[i].append(time.perf_counter())
-            counts[i] = o.num_output_tokens
-            cum[i].append(o.num_output_tokens)
-            assert o.error is None, o.error
-            if o.finished:
-                with lock:
-                    left[0] -= 1
-                    if left[0] == 0:
-                        done.set()
-        return emit
-
-    t0 = time.perf_counter()
-    for i, ids in enumerate(prompts):
-        engine.submit(Request(ids, params, emitter(i), stream=True))
-    if engine._thread is None:
-        while not done.is_set():
-            engine.step()
-    else:
-        assert done.wait(600), "engine run timed out"
+    t0, stamps, cum = run_streams(engine, prompts, params)
     span = time.perf_counter() - t0
     ttft = [s[0] - t0 for s in stamps if s]
-    # Per token: a response carrying k new tokens after a gap g counts k gaps of g/k (coalesced streaming).
-    itl = [(tb - ta) / (cb - ca) for s, c in zip(stamps, cum) for ta, tb, ca, cb in zip(s, s[1:], c, c[1:])
-           for _ in range(cb - ca) if cb > ca]
-    tokens = sum(counts)
+    itl = per_token_gaps(stamps, cum)
+    tokens = sum(c[-1] for c in cum)
     assert tokens == osl * concurrency, f"{tokens} tokens, expected {osl * concurrency}"
     return {"engine": "ours-inproc", "isl": isl, "osl": osl, "concurrency": concurrency, "output_tokens": tokens,
             "span_s": span, "tokens_per_s": tokens / span,

@@ -28,19 +28,21 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def bench(engine: Engine, concurrency: int, isl: int, osl: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    vocab = engine.runner.vocab_size
-    done, left, lock = threading.Event(), [concurrency], threading.Lock()
-    stamps: list[list[float]] = [[] for _ in range(concurrency)]
-    counts = [0] * concurrency
+def run_streams(engine: Engine, prompts: list[list[int]], params: SamplingParams, timeout_s: float = 600.0):
+    """Submit one streaming request per prompt at once and wait for all (stepping the engine here when
+    its thread is not running). Returns (t0, response timestamps, cumulative output tokens at each
+    response) per request. The engine, the in-process benchmarks and bench/engine_inproc.py share it."""
+    n = len(prompts)
+    done, left, lock = threading.Event(), [n], threading.Lock()
+    stamps: list[list[float]] = [[] for _ in range(n)]
+    cum: list[list[int]] = [[] for _ in range(n)]
 
     def emitter(i):
         def emit(o: Output):
             stamps[i].append(time.perf_counter())
-            counts[i] = o.num_output_tokens
+            cum[i].append(o.num_output_tokens)
+            assert o.error is None, o.error
             if o.finished:  # never block here: this runs on the engine thread
-                assert o.error is None, o.error
                 with lock:
                     left[0] -= 1
                     if left[0] == 0:
@@ -48,15 +50,32 @@ def bench(engine: Engine, concurrency: int, isl: int, osl: int, seed: int = 0) -
         return emit
 
     t0 = time.perf_counter()
-    for i in range(concurrency):
-        ids = torch.randint(0, vocab, (isl,), generator=g).tolist()
-        engine.submit(Request(ids, SamplingParams(max_tokens=osl, ignore_eos=True), emitter(i), stream=True,
-                              arrival=t0))
-    done.wait()
-    wall = time.perf_counter() - t0
+    for i, ids in enumerate(prompts):
+        engine.submit(Request(ids, params, emitter(i), stream=True, arrival=t0))
+    if engine._thread is None:
+        while not done.is_set():
+            engine.step()
+    else:
+        assert done.wait(timeout_s), f"in-process run timed out after {timeout_s} s"
+    return t0, stamps, cum
+
+
+def per_token_gaps(stamps: list[list[float]], cum: list[list[int]]) -> list[float]:
+    """Inter-token latencies: a response carrying k new tokens after a gap g counts k gaps of g/k
+    (responses are coalesced every stream_interval tokens)."""
+    return [(tb - ta) / (cb - ca) for s, c in zip(stamps, cum) for ta, tb, ca, cb in zip(s, s[1:], c, c[1:])
+            for _ in range(cb - ca) if cb > ca]
+
+
+def bench(engine: Engine, concurrency: int, isl: int, osl: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.runner.vocab_size
+    prompts = [torch.randint(0, vocab, (isl,), generator=g).tolist() for _ in range(concurrency)]
+    t0, stamps, cum = run_streams(engine, prompts, SamplingParams(max_tokens=osl, ignore_eos=True))
+    wall = max(s[-1] for s in stamps) - t0
     ttft = [s[0] - t0 for s in stamps]
-    itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
-    total = sum(counts)
+    itl = per_token_gaps(stamps, cum)
+    total = sum(c[-1] for c in cum)
     return dict(concurrency=concurrency, isl=isl, osl=osl, wall_s=wall, output_tokens=total,
                 output_tokens_per_s=total / wall, per_stream_tokens_per_s=total / wall / concurrency,
                 ttft_p50_ms=_pct(ttft, 0.5) * 1e3, ttft_p99_ms=_pct(ttft, 0.99) * 1e3,
