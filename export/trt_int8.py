@@ -20,7 +20,7 @@ import numpy as np
 
 from export.specs import EncoderSpec, Tolerance
 from export.trt_manifest import repo_relative, sha256_file
-from export.validate import Metrics, check, compare, output_mask, random_feed, session, validation_shapes
+from export.validate import Metrics, session, validate_against
 
 QUANTIZE_CODE = Path(__file__).parent / "quantize.py"
 Batches = Iterable[dict[str, np.ndarray]]
@@ -58,18 +58,10 @@ def validate_against_fp32(path: Path, fp32_onnx: Path, spec: EncoderSpec, tolera
                           seed: int = 2024) -> list[Metrics]:
     """ONNX Runtime: `path` vs the fp32 ONNX on export/validate.py's random inputs (ids below
     spec.vocab_size) and shapes, worst case per output; raises ValidationError outside `tolerance`."""
-    got_s, ref_s = session(path), session(fp32_onnx)
-    worst: dict[str, list[Metrics]] = {t.name: [] for t in spec.outputs}
-    for i, (batch, seq) in enumerate(validation_shapes(spec)):
-        feed = random_feed(spec, batch, seq, spec.vocab_size, seed + i)
-        got = dict(zip([o.name for o in got_s.get_outputs()], got_s.run(None, feed)))
-        ref = dict(zip([o.name for o in ref_s.get_outputs()], ref_s.run(None, feed)))
-        for name in worst:
-            worst[name].append(compare(name, got[name], ref[name], output_mask(spec, name, feed)))
-    metrics = [Metrics(n, max(m.max_abs for m in ms), min(m.min_cosine for m in ms),
-                       float(np.mean([m.mean_cosine for m in ms]))) for n, ms in worst.items()]
-    check(metrics, tolerance, f"{path} (symmetric int8) vs {fp32_onnx}")
-    return metrics
+    ref_s = session(fp32_onnx)
+    names = [o.name for o in ref_s.get_outputs()]
+    return validate_against(path, lambda feed: dict(zip(names, ref_s.run(None, feed))), spec, tolerance,
+                            f"{path} (symmetric int8) vs {fp32_onnx}", spec.vocab_size, seed)
 
 
 def stamp_path(dst: Path) -> Path:

@@ -7,6 +7,7 @@ inputs) and by the server tests (Triton vs the golden file's reference).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -94,19 +95,26 @@ def output_mask(spec: EncoderSpec, name: str, feed: dict[str, np.ndarray]) -> np
     return feed["attention_mask"] if t.dims and t.dims[0] == "sequence" else None
 
 
-def validate_onnx(path, model, spec: EncoderSpec, precision: str, vocab: int,
-                  seed: int = 2024) -> list[Metrics]:
-    """ONNX Runtime (CPU) vs PyTorch on fresh inputs; raises ValidationError with the numbers."""
-    tol = spec.tolerances[precision]
+def validate_against(path, reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                     spec: EncoderSpec, tol: Tolerance, what: str, vocab: int, seed: int = 2024) -> list[Metrics]:
+    """ONNX Runtime (CPU) run of `path` vs `reference(feed)` over validation_shapes(spec), on fresh
+    random inputs (ids below `vocab`); worst case per output; raises ValidationError outside `tol`."""
     sess = session(path)
     worst: dict[str, list[Metrics]] = {t.name: [] for t in spec.outputs}
     for i, (batch, seq) in enumerate(validation_shapes(spec)):
         feed = random_feed(spec, batch, seq, vocab, seed + i)
-        ref = torch_outputs(model, spec, feed)
+        ref = reference(feed)
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
         for name in worst:
             worst[name].append(compare(name, got[name], ref[name], output_mask(spec, name, feed)))
     metrics = [Metrics(n, max(m.max_abs for m in ms), min(m.min_cosine for m in ms),
                        float(np.mean([m.mean_cosine for m in ms]))) for n, ms in worst.items()]
-    check(metrics, tol, f"{path} ({precision}) vs PyTorch")
+    check(metrics, tol, what)
     return metrics
+
+
+def validate_onnx(path, model, spec: EncoderSpec, precision: str, vocab: int,
+                  seed: int = 2024) -> list[Metrics]:
+    """ONNX Runtime (CPU) vs PyTorch on fresh inputs; raises ValidationError with the numbers."""
+    return validate_against(path, lambda feed: torch_outputs(model, spec, feed), spec, spec.tolerances[precision],
+                            f"{path} ({precision}) vs PyTorch", vocab, seed)
