@@ -27,29 +27,25 @@ class Check:
     info_only: bool = False  # reported, never fails the run (e.g. no GPU on a CPU host)
 
 
-def check_numpy(env: dict[str, str]) -> Check:
+def check_numpy(model: environment.ModelPython) -> Check:
     try:
-        model = environment.check_model_python(env)
+        environment.require_numpy_below_2(model)
         return Check("numpy < 2 in model env", True, f"numpy {model.numpy}")
     except environment.SetupError as e:
         return Check("numpy < 2 in model env", False, str(e), "make setup (pins numpy==1.26.4)")
 
 
-def check_stub(env: dict[str, str]) -> Check:
+def check_stub(env: dict[str, str], model: environment.ModelPython) -> Check:
     name = "stub matches model Python"
-    try:
-        model = environment.probe_model_python(env)
-    except environment.SetupError as e:
-        return Check(name, False, str(e), "make setup")
     version = model.version
     stub = environment.stub_for(version)
     if not stub.exists():
         return Check(name, False, f"no stub for Python {version} ({stub})", "use Python 3.8-3.13 for the model env")
-    env = environment.with_libpython(env, model)
-    missing = _missing_libs(stub, env)
+    ldd = _ldd(stub, environment.with_libpython(env, model))
+    missing = _missing_libs(ldd)
     if missing:
         return Check(name, False, f"stub {version} cannot load {missing}", f"install the shared libpython{version} (e.g. apt-get install libpython{version})")
-    loaded = _resolved_libpython(stub, env)
+    loaded = _resolved_libpython(ldd)
     if model.shared_libpython and loaded and Path(loaded).resolve() != model.shared_libpython.resolve():
         return Check(name, False, f"stub loads {loaded}, the model interpreter is {model.shared_libpython}",
                      "put the interpreter's LIBDIR first on LD_LIBRARY_PATH")
@@ -59,14 +55,16 @@ def check_stub(env: dict[str, str]) -> Check:
     return Check(name, True, f"Python {version}, stub {stub}, libpython {loaded}")
 
 
-def _missing_libs(binary: Path, env: dict[str, str]) -> list[str]:
-    out = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True)
-    return [line.split()[0] for line in out.stdout.splitlines() if "not found" in line]
+def _ldd(binary: Path, env: dict[str, str]) -> str:
+    return subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True).stdout
 
 
-def _resolved_libpython(binary: Path, env: dict[str, str]) -> str | None:
-    out = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True)
-    for line in out.stdout.splitlines():
+def _missing_libs(ldd: str) -> list[str]:
+    return [line.split()[0] for line in ldd.splitlines() if "not found" in line]
+
+
+def _resolved_libpython(ldd: str) -> str | None:
+    for line in ldd.splitlines():
         if "libpython" in line and "=>" in line:
             return line.split("=>")[1].split("(")[0].strip()
     return None
@@ -77,7 +75,7 @@ def check_server_binary(env: dict[str, str]) -> Check:
         binary = environment.tritonserver_bin()
     except environment.SetupError as e:
         return Check("tritonserver binary", False, str(e), "make setup")
-    missing = _missing_libs(binary, env)
+    missing = _missing_libs(_ldd(binary, env))
     if missing:
         return Check("tritonserver binary", False, f"missing libraries {missing}", "make setup")
     return Check("tritonserver binary", True, str(binary))
@@ -190,7 +188,7 @@ def check_perf_analyzer() -> Check:
     if not binary.exists():
         return Check("perf_analyzer", False, f"not found at {binary}", "make setup")
     env = dict(os.environ, LD_LIBRARY_PATH=str(paths.perf_analyzer_libs()))
-    missing = _missing_libs(binary, env)
+    missing = _missing_libs(_ldd(binary, env))
     if missing:
         return Check("perf_analyzer", False, f"missing libraries {missing}", "make setup")
     return Check("perf_analyzer", True, str(binary))
@@ -199,9 +197,13 @@ def check_perf_analyzer() -> Check:
 def run_checks(opts: ServerOptions) -> list[Check]:
     env = environment.server_env(opts.model_env)
     repo = Path(opts.model_repository)
+    try:
+        model = environment.probe_model_python(env)  # once: both checks below read it
+        python_checks = [check_numpy(model), check_stub(env, model)]
+    except environment.SetupError as e:
+        python_checks = [Check("model Python environment", False, str(e), "make setup")]
     return [
-        check_numpy(env),
-        check_stub(env),
+        *python_checks,
         check_server_binary(env),
         check_shm(repo, opts),
         check_ports(opts),

@@ -94,8 +94,11 @@ def probe_model_python(env: dict[str, str]) -> ModelPython:
 
 
 def check_model_python(env: dict[str, str]) -> ModelPython:
-    """Refuse numpy >= 2 in the model environment."""
-    model = probe_model_python(env)
+    """Probe the model environment and refuse numpy >= 2 in it."""
+    return require_numpy_below_2(probe_model_python(env))
+
+
+def require_numpy_below_2(model: ModelPython) -> ModelPython:
     if int(model.numpy.split(".")[0]) >= 2:
         raise SetupError(
             f"numpy {model.numpy} is in the model environment ({model.executable}); Triton 2.51's Python backend "

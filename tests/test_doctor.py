@@ -64,7 +64,7 @@ def test_numpy_2_fails(tmp_path):
     site = next((tmp_path / "env" / "lib").glob("python3.*/site-packages"))
     (site / "numpy").mkdir()
     (site / "numpy" / "__init__.py").write_text("__version__ = '2.0.0'\n")
-    c = doctor.check_numpy(environment.server_env(tmp_path / "env"))
+    c = doctor.check_numpy(environment.probe_model_python(environment.server_env(tmp_path / "env")))
     assert not c.ok and "numpy 2.0.0" in c.detail and "numpy" in c.fix
 
 
