@@ -61,7 +61,8 @@ def request_arrays(prompt: str, stream: bool = True, **params) -> dict[str, np.n
     return arrays
 
 
-def _first(result, name):
+def first_value(result, name: str):
+    """The first element of output `name` (str or int), or None when the response lacks it."""
     a = result.as_numpy(name)
     if a is None:
         return None
@@ -95,7 +96,7 @@ class _Stream:
         resp = result.get_response()
         r, t0, done, on_chunk = self.results[resp.id]
         now = time.perf_counter() - t0
-        text = _first(result, "text_output")
+        text = first_value(result, "text_output")
         if text is not None:
             r.chunks.append(text)
             if text and r.ttft_s is None:
@@ -103,7 +104,7 @@ class _Stream:
             if on_chunk is not None and text:
                 on_chunk(text)
         for name in ("finish_reason", "num_input_tokens", "num_output_tokens"):
-            v = _first(result, name)
+            v = first_value(result, name)
             if v is not None:
                 setattr(r, name, v)
         if resp.parameters["triton_final_response"].bool_param:

@@ -63,6 +63,20 @@ def encoder_io(spec: TextPipelineSpec) -> tuple[list[Tensor], Tensor, Tensor]:
     return ins, mask, Tensor(hidden.name, hidden.dtype, ("batch",) + hidden.dims)
 
 
+def step_names(name: str) -> tuple[str, str]:
+    """The ensemble's tokenize and pool step models of pipeline `name`."""
+    return f"{name}_tokenize", f"{name}_pool"
+
+
+def tokenizer_dir(repo: Path, spec: TextPipelineSpec = MINILM_TEXT) -> Path | None:
+    """Where an exported pipeline keeps its tokenizer files (either shape), or None if not exported."""
+    for model in (step_names(spec.name)[0], spec.name):
+        d = Path(repo) / model / VERSION / "tokenizer"
+        if (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
 def _copy_model(dst_dir: Path, spec: TextPipelineSpec, tokenizer_from: Path | None) -> None:
     """<model>/1/model.py from the one source, plus the tokenizer files where the model tokenizes."""
     version = dst_dir / VERSION
@@ -96,7 +110,7 @@ def export_pipeline(out_repo: Path = MODEL_REPOSITORY, spec: TextPipelineSpec = 
         _copy_model(out_repo / name, spec, src_hf)
         return [out_repo / name]
 
-    tok, pool = f"{name}_tokenize", f"{name}_pool"
+    tok, pool = step_names(name)
     pbtxt.write(_python_model(tok, [spec.text], ins, instances, role="tokenize", **common), out_repo / tok)
     pbtxt.write(_python_model(pool, [hidden, mask], [spec.embedding], instances, role="pool"), out_repo / pool)
     _copy_model(out_repo / tok, spec, src_hf)

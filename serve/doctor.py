@@ -109,11 +109,12 @@ def check_shm(repo: Path, opts: ServerOptions) -> Check:
     return Check("/dev/shm size", ok, detail, fix)
 
 
-def check_ports(opts: ServerOptions) -> Check:
-    ports = (opts.http_port, opts.grpc_port, opts.metrics_port)
+def check_ports(opts: ServerOptions, gateway_port: int | None = None) -> Check:
+    ports = tuple(p for p in (gateway_port, opts.http_port, opts.grpc_port, opts.metrics_port) if p is not None)
     taken = [p for p in ports if not port_is_free(opts.host, p)]
     if taken:
-        return Check("ports free", False, f"in use on {opts.host}: {taken}", "stop what holds them or pass --http-port/--grpc-port/--metrics-port")
+        return Check("ports free", False, f"in use on {opts.host}: {taken}",
+                     "stop what holds them or pass --http-port/--triton-http-port/--grpc-port/--metrics-port")
     return Check("ports free", True, f"{opts.host}: {list(ports)}")
 
 
@@ -194,7 +195,7 @@ def check_perf_analyzer() -> Check:
     return Check("perf_analyzer", True, str(binary))
 
 
-def run_checks(opts: ServerOptions) -> list[Check]:
+def run_checks(opts: ServerOptions, gateway_port: int | None = None) -> list[Check]:
     env = environment.server_env(opts.model_env)
     repo = Path(opts.model_repository)
     try:
@@ -206,7 +207,7 @@ def run_checks(opts: ServerOptions) -> list[Check]:
         *python_checks,
         check_server_binary(env),
         check_shm(repo, opts),
-        check_ports(opts),
+        check_ports(opts, gateway_port),
         check_gpu(repo),
         check_tensorrt(repo),
         check_models(repo),
@@ -228,12 +229,12 @@ def report(checks: list[Check]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve.launcher import add_server_args, options_from_args
+    from serve.launcher import add_server_args, gateway_from_args, options_from_args
 
     p = argparse.ArgumentParser(description="Check this host for serving the model repository.")
     add_server_args(p)
     a = p.parse_args(argv)
-    return report(run_checks(options_from_args(a, [])))
+    return report(run_checks(options_from_args(a, []), gateway_from_args(a).port))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Start a real tritonserver over a model repository, safely, and stop it cleanly.
 
-Library: `TritonServer(ServerOptions(...))` (a context manager) used by `make serve`, the tests and
-the benchmarks. CLI: `python -m serve.launcher --help`.
+Library: `TritonServer(ServerOptions(...))` (a context manager) used by the tests, the benchmarks and
+serve/stack.py, which runs it with the gateway in front (`make serve`). CLI: `python -m serve.launcher --help`.
 
 Refuses to start (SetupError, with a fix) when numpy >= 2 is in the model environment, a port is
 taken, or a model's artifacts are missing. Admin APIs are restricted behind a header token on HTTP
@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -51,7 +50,9 @@ def default_admin_token() -> str:
 class ServerOptions:
     model_repository: Path = paths.MODEL_REPOSITORY
     host: str = "127.0.0.1"  # loopback unless asked: the admin surfaces must not face a network
-    http_port: int = 8000
+    # Triton's own HTTP port: internal, for the gateway (serve/stack.py) and tests; clients use the
+    # gateway's port (8000). Triton 2.51's HTTP server must not face untrusted clients.
+    http_port: int = 8003
     grpc_port: int = 8001
     metrics_port: int = 8002
     admin_token: str | None = None  # None: default_admin_token()
@@ -182,14 +183,15 @@ class TritonServer:
         except OSError:
             return False
 
-    def wait_ready(self, timeout_s: float | None = None) -> "TritonServer":
+    def wait_ready(self, timeout_s: float | None = None, sleep=time.sleep) -> "TritonServer":
+        """Poll readiness; `sleep(t)` may raise to abort the wait (serve/stack.py: on a signal)."""
         deadline = time.monotonic() + (timeout_s or self.options.ready_timeout_s)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SetupError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.is_ready():
                 return self
-            time.sleep(0.25)
+            sleep(0.25)
         self.stop()
         raise SetupError(f"tritonserver not ready after {timeout_s or self.options.ready_timeout_s:.0f}s:\n{self.log_tail()}")
 
@@ -254,72 +256,19 @@ class TritonServer:
         self.stop()
 
 
-def example_request(server: TritonServer) -> str:
-    return (
-        f"curl -s {server.http_url}/v2/health/ready -o /dev/null -w '%{{http_code}}\\n'\n"
-        f"  curl -s {server.http_url}/v2/models/minilm_text/infer -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"inputs\":[{\"name\":\"text\",\"datatype\":\"BYTES\",\"shape\":[1],\"data\":[\"hello world\"]}]}'\n"
-        f"  .venv/bin/python -m clients.embed -u {server.grpc_url} 'hello world'"
-    )
-
-
-def _follow(path: Path, stop: threading.Event, start_at: int) -> None:
-    """Print the server log as it grows (the foreground `make serve` experience)."""
-    with open(path, "rb") as f:
-        f.seek(start_at)
-        while not stop.is_set():
-            line = f.readline()
-            if line:
-                sys.stdout.write(line.decode(errors="replace"))
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
-
-
-def serve_forever(options: ServerOptions, quiet: bool = False) -> int:
-    """CLI body: start, print endpoints, follow the log until Ctrl-C/SIGTERM, stop cleanly."""
-    server = TritonServer(options)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    try:
-        server.start()
-        print(f"tritonserver starting (log: {server.log_path}) ...", flush=True)
-        server.wait_ready()
-    except SetupError as e:
-        server.stop()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"\nTriton is ready.\n  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
-        f"  metrics  {server.metrics_url}\n  admin APIs ({', '.join(ADMIN_APIS)}) need HTTP header "
-        f"'{ADMIN_HEADER}' / gRPC metadata '{ADMIN_GRPC_HEADER}' = <token in {ADMIN_TOKEN_FILE if not os.environ.get(ADMIN_TOKEN_ENV) else '$' + ADMIN_TOKEN_ENV}>'\n"
-        f"Try:\n  {example_request(server)}\nCtrl-C stops the server.\n",
-        flush=True,
-    )
-    follower = None
-    if not quiet:
-        follower = threading.Thread(target=_follow, args=(server.log_path, stop, server.log_path.stat().st_size), daemon=True)
-        follower.start()
-    while not stop.is_set() and server.process.poll() is None:
-        stop.wait(0.5)
-    died = server.process.poll() is not None
-    stop.set()
-    print("\nstopping tritonserver ...", flush=True)
-    code = server.stop()
-    left = server.stub_pids() + server.shm_regions()
-    print(f"tritonserver exited ({code}); leftover stubs/shm regions: {left or 'none'}", flush=True)
-    if died:
-        print(server.log_tail(), file=sys.stderr)
-        return 1
-    return 0
-
-
 def add_server_args(p: argparse.ArgumentParser) -> None:
+    """Triton's flags and the gateway's (serve/stack.py runs both): `--http-port` is the gateway's port,
+    the one clients use; `--triton-http-port` is Triton's internal HTTP port."""
+    from gateway import settings as gateway_settings
+    from serve.stack import WIRED
+
     d = ServerOptions()
     p.add_argument("--model-repository", type=Path, default=d.model_repository)
     p.add_argument("--host", default=d.host, help="address to bind (default loopback)")
-    p.add_argument("--http-port", type=int, default=d.http_port)
+    p.add_argument("--http-port", type=int, default=None, dest="port",
+                   help=f"the gateway's port (OpenAI + KServe v2 HTTP; default {gateway_settings.GatewaySettings.port})")
+    p.add_argument("--triton-http-port", type=int, default=d.http_port, dest="http_port",
+                   help="Triton's own HTTP port, internal: only the gateway and tests use it")
     p.add_argument("--grpc-port", type=int, default=d.grpc_port)
     p.add_argument("--metrics-port", type=int, default=d.metrics_port)
     p.add_argument("--exit-timeout-secs", type=int, default=d.exit_timeout_secs)
@@ -327,6 +276,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shm-default-byte-size", type=int, default=d.shm_default_byte_size)
     p.add_argument("--log-verbose", type=int, default=d.log_verbose)
     p.add_argument("--model-env", type=Path, default=d.model_env, help="venv the Python models run in (default: this one)")
+    gateway_settings.add_arguments(p.add_argument_group("gateway (also GATEWAY_* environment variables)"),
+                                   exclude=WIRED + ("port",))
 
 
 def options_from_args(a: argparse.Namespace, extra: list[str]) -> ServerOptions:
@@ -345,17 +296,29 @@ def options_from_args(a: argparse.Namespace, extra: list[str]) -> ServerOptions:
     )
 
 
+def gateway_from_args(a: argparse.Namespace):
+    from gateway import settings as gateway_settings
+
+    return gateway_settings.from_args(a)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from serve.stack import serve_forever
+
     p = argparse.ArgumentParser(
-        description="Run tritonserver over the model repository (loopback, admin APIs behind a token). "
-        "Arguments after `--` go to tritonserver unchanged."
+        description="Run tritonserver over the model repository and the gateway in front of it (loopback, "
+        "admin APIs behind a token). Arguments after `--` go to tritonserver unchanged."
     )
     add_server_args(p)
     p.add_argument("--quiet", action="store_true", help="do not follow the server log on stdout")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    return serve_forever(options_from_args(a, extra), quiet=a.quiet)
+    try:
+        gateway = gateway_from_args(a)
+    except ValueError as e:
+        p.error(str(e))
+    return serve_forever(options_from_args(a, extra), gateway, quiet=a.quiet)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Shared fixtures. `triton`: one real server over the main model repository for the whole session
-(started lazily, on the first test that asks). `start_server(repo)`: a private server, as a context
+"""Shared fixtures. `triton`: what `make serve` runs — tritonserver over the main model repository with
+the gateway in front (serve/stack.py), on free ports, for the whole session (started lazily, on the
+first test that asks); its `http_url` is the gateway's, `triton_http_url` Triton's own. `start_server(repo)`: a private server, as a context
 manager, for tests that need their own repository. `embedding_server`: the embedding models only."""
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import pytest
 
 from tests import embedding_models
 from tests.server_fixtures import start_server as _start_server
+from tests.server_fixtures import start_gateway, start_stack
 
 
 @pytest.fixture(scope="session")
 def triton():
-    with _start_server() as server:
-        yield server
+    with start_stack() as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -26,3 +28,12 @@ def embedding_server(tmp_path_factory):
     from the LLM; shared by the embedding tests."""
     with embedding_models.embedding_server(tmp_path_factory.mktemp("embedding")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def strict(triton, tmp_path_factory):
+    """A second gateway in front of the session's Triton: API keys, one generation at a time, a 1 s
+    body timeout."""
+    with start_gateway(triton, tmp_path_factory.mktemp("strict"), api_keys=("key-one", "key-two"),
+                       max_concurrent_generations=1, body_timeout_s=1.0) as g:
+        yield g

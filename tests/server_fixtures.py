@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import pbtxt
 from export.specs import Tensor
+from gateway.settings import GatewaySettings
 from serve.launcher import ServerOptions, TritonServer, free_port
 from serve.paths import MODEL_REPOSITORY
+from serve.stack import GatewayProcess, ServingStack
 
 
 def server_options(repo: Path, **overrides) -> ServerOptions:
@@ -30,6 +33,29 @@ def start_server(repo: Path = MODEL_REPOSITORY, **overrides):
     """A started, ready server over `repo`; on startup failure the exception holds the log tail."""
     with TritonServer(server_options(repo, **overrides)) as server:
         yield server
+
+
+@contextlib.contextmanager
+def start_stack(repo: Path = MODEL_REPOSITORY, gateway: GatewaySettings | None = None, **overrides):
+    """Triton + the gateway (what `make serve` runs) over `repo`, every port free."""
+    gateway = (gateway or GatewaySettings()).replace(port=free_port())
+    with ServingStack(server_options(repo, **overrides), gateway) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def start_gateway(stack: ServingStack, tmp: Path, **settings):
+    """Another gateway process in front of `stack`'s Triton, with other settings; yields it once ready."""
+    s = stack.gateway.settings.replace(port=free_port(), **settings)
+    g = GatewayProcess(s, Path(tmp) / "gateway.log").start()
+    try:
+        deadline = time.monotonic() + 60
+        while not g.is_ready():
+            assert g.process.poll() is None and time.monotonic() < deadline, g.log_path.read_text()
+            time.sleep(0.1)
+        yield g
+    finally:
+        g.stop()
 
 
 ADD_ONE_PY = '''\

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serve import environment
-from serve.launcher import ADMIN_HEADER, SetupError, TritonServer
+from serve.launcher import ADMIN_HEADER, SetupError, TritonServer, free_port
 from serve.paths import REPO_ROOT
 from serve.repository import check_repository
 from tests.server_fixtures import server_options, write_add_one_model
@@ -131,7 +131,8 @@ def test_refuses_missing_artifacts_and_names_the_export_command(tmp_path):
     (model / "config.pbtxt").write_text((model / "config.pbtxt").read_text().replace('backend: "python"', 'backend: "onnxruntime"'))
     problems = check_repository(tmp_path)
     assert [str(p) for p in problems] == [f"model 'encoder': missing {model / '1' / 'model.onnx'} (fix: make export)"]
-    out = run_launcher("--model-repository", str(tmp_path))
+    opts = server_options(tmp_path)  # free ports: a `make serve` running beside the tests must not matter
+    out = run_launcher("--model-repository", str(tmp_path), *port_args(opts))
     assert out.returncode == 1
     assert "missing" in out.stderr and "model.onnx" in out.stderr and "make export" in out.stderr
 
@@ -145,29 +146,43 @@ def test_startup_failure_shows_log_tail(tmp_path):
     assert "boom at import" in str(e.value)
 
 
+def port_args(opts, gateway_port: int | None = None) -> list[str]:
+    return ["--http-port", str(gateway_port or free_port()), "--triton-http-port", str(opts.http_port),
+            "--grpc-port", str(opts.grpc_port), "--metrics-port", str(opts.metrics_port)]
+
+
 def test_sigterm_stops_cleanly_leaving_no_stub_or_shm(tmp_path):
+    """`make serve` (Triton + the gateway) stops both on SIGTERM and leaves nothing behind."""
     write_add_one_model(tmp_path)
-    opts = server_options(tmp_path)
+    opts, gateway_port = server_options(tmp_path), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.launcher", "--quiet", "--model-repository", str(tmp_path),
-         "--http-port", str(opts.http_port), "--grpc-port", str(opts.grpc_port), "--metrics-port", str(opts.metrics_port)],
+         *port_args(opts, gateway_port)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     prefix = f"triton_py_{proc.pid}_{opts.http_port}_"
     probe = TritonServer(opts)
     probe.shm_prefix = prefix  # look for that server's stubs and regions
     deadline = time.monotonic() + 120
-    while not probe.is_ready():
+    while not (_listening(gateway_port) and http(f"http://127.0.0.1:{gateway_port}/health")[0] == 200):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
         time.sleep(0.25)
+    assert probe.is_ready()
+    status, body = http(f"http://127.0.0.1:{gateway_port}/v2/models/add_one/infer",
+                        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1]}]})
+    assert status == 200 and json.loads(body)["outputs"][0]["data"] == [2.0]  # through the gateway
     assert probe.stub_pids(), "a running Python model has a stub process"
     assert probe.shm_regions(), "and a /dev/shm region"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert "leftover stubs/shm regions: none" in out
+    assert "gateway exited (0); tritonserver exited (0); leftover stubs/shm regions: none" in out
     assert probe.stub_pids() == [] and probe.shm_regions() == []
-    assert not probe.is_ready()
+    assert not probe.is_ready() and not _listening(gateway_port)
+
+
+def _listening(port: int) -> bool:
+    return bool(listening_addresses(port))
 
 
 def test_backend_dir_has_matching_stub_and_project_backends():

@@ -1,0 +1,130 @@
+"""The gateway's ASGI app: OpenAI routes, the KServe v2 pass-through, /health, and around them the
+API-key check and the access log.
+
+    app = create_app(GatewaySettings(...))   # served by gateway/__main__.py (uvicorn)
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import sys
+import time
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.errors import APIError
+from gateway.kserve import KServeProxy, kserve_error
+from gateway.openai_routes import OpenAIRoutes, json_response
+from gateway.settings import GatewaySettings
+from gateway.streaming import ClientGone
+from gateway.triton import Triton
+
+log = logging.getLogger("gateway")
+access = logging.getLogger("gateway.access")
+OPEN_PATHS = ("/health",)  # answered without an API key (probes)
+CLIENT_CLOSED = 499  # logged when the client went away first (nginx's convention; never sent)
+
+
+def render(path: str, e: APIError) -> Response:
+    """KServe routes answer in KServe's error shape, everything else in OpenAI's."""
+    return kserve_error(e) if path == "/v2" or path.startswith("/v2/") else e.response()
+
+
+class Guard:
+    """API keys (when configured) and one access-log line per request; outermost, so refusals are
+    logged too."""
+
+    def __init__(self, app: ASGIApp, s: GatewaySettings):
+        self.app, self.s = app, s
+        self.keys = [k.encode() for k in s.api_keys]
+
+    def authorized(self, scope: Scope) -> bool:
+        if not self.keys or scope["path"] in OPEN_PATHS:
+            return True
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, key = auth.partition(b" ")
+        # Compare against every key (no early exit): the time taken does not tell which matched.
+        ok = [hmac.compare_digest(key.strip(), k) for k in self.keys]
+        return scheme.lower() == b"bearer" and any(ok)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [CLIENT_CLOSED]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.authorized(scope):
+                await self.app(scope, receive, sending)
+            else:
+                e = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                             headers={"WWW-Authenticate": "Bearer"})
+                await render(scope["path"], e)(scope, receive, sending)
+        finally:
+            if self.s.access_log:
+                state = scope.get("state", {})
+                line = {"ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"],
+                        "status": status[0], "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+                        "model": state.get("model"), "client": scope["client"][0] if scope.get("client") else None}
+                if "prompt" in state:  # only with log_prompts
+                    line["prompt"] = state["prompt"]
+                access.info(orjson.dumps(line).decode())
+
+
+def create_app(s: GatewaySettings, triton: Triton | None = None) -> ASGIApp:
+    """triton: the backend (tests pass a fake one); default: the Triton server of the settings."""
+    triton = triton or Triton(s)
+    openai = OpenAIRoutes(s, triton)
+    kserve = KServeProxy(s, triton)
+
+    async def health(request: Request) -> Response:
+        """Gateway up and Triton ready (200), else 503: the probe a load balancer routes by."""
+        ok = triton.ready and triton.discovered
+        return json_response({"status": "ready" if ok else "not ready"}, 200 if ok else 503)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await triton.start()
+        await kserve.start()
+        try:
+            yield
+        finally:
+            await kserve.close()
+            await triton.close()
+
+    async def api_error(request: Request, e: APIError) -> Response:
+        return render(request.url.path, e)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:  # unknown route, wrong method
+        return render(request.url.path, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
+    async def internal(request: Request, e: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return render(request.url.path, APIError(500, f"internal error ({type(e).__name__}); see the gateway log"))
+
+    app = Starlette(
+        routes=[Route("/health", health, methods=["GET"]), *openai.routes(), *kserve.routes()],
+        exception_handlers={APIError: api_error, HTTPException: http_error, ClientGone: client_gone, Exception: internal},
+        lifespan=lifespan,
+    )
+    app.state.triton, app.state.openai = triton, openai
+    return Guard(app, s)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request otherwise

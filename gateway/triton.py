@@ -1,0 +1,257 @@
+"""The Triton server behind the gateway, over gRPC (tritonclient's asyncio client).
+
+Discovers the models once Triton answers (LLMs: decoupled models with the LLM contract of
+export/specs.py LLM_IO; embedding models: the text pipelines of export/specs.py PIPELINES), loads the
+tokenizers the gateway needs (chat templates; embedding token counts) from the local repository, polls
+readiness, and runs generations (one gRPC stream per request, cancelled when the caller goes away) and
+embedding calls. Triton's errors become APIErrors with the status that fits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from clients.common import make_inputs, make_outputs
+from clients.llm_stream import first_value, request_arrays
+from export.pipeline import tokenizer_dir
+from export.specs import LLM_IO, PIPELINES, TextPipelineSpec
+from gateway.errors import APIError
+from gateway.settings import GatewaySettings
+from llm.settings import EngineSettings
+from serve.launcher import ADMIN_GRPC_HEADER, default_admin_token
+
+log = logging.getLogger("gateway")
+LLM_INPUTS = {t.name for t in LLM_IO.inputs}
+TEXT_INPUT, TEXT_OUTPUT = LLM_IO.inputs[0].name, LLM_IO.outputs[0].name
+# Config data types whose KServe datatype name differs (TYPE_STRING is BYTES on the wire).
+DATATYPES = {"TYPE_STRING": "BYTES"}
+# gRPC status -> HTTP status for errors that carry one (unary calls).
+GRPC_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+               "RESOURCE_EXHAUSTED": 429, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+
+
+@dataclass
+class LLMModel:
+    name: str
+    inputs: frozenset[str]
+    settings: EngineSettings
+    chat_tokenizer: object | None = None  # transformers tokenizer with a chat template, if available
+    chat_problem: str = ""  # why there is none
+
+
+@dataclass
+class EmbeddingModel:
+    name: str
+    spec: TextPipelineSpec
+    counter: object | None = None  # tokenizers.Tokenizer for usage counts
+
+
+@dataclass
+class Chunk:
+    """One response of a generation: new text (or all of it), and on the last one the totals."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def _param_values(config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def _version_dir(repo: Path, name: str) -> Path | None:
+    versions = sorted((int(p.name) for p in (repo / name).glob("[0-9]*") if p.name.isdigit()), reverse=True)
+    return repo / name / str(versions[0]) if versions else None
+
+
+def model_error(message: str) -> APIError:
+    """A generation's error message (gRPC streams carry no status code) -> APIError. The engine's
+    request errors name the contract input first ("max_tokens must be ...", "text_input: ...")."""
+    first = message.replace(":", " ").split(" ", 1)[0]
+    if first in LLM_INPUTS:
+        if first == TEXT_INPUT:  # the OpenAI routes call it prompt (or messages)
+            return APIError(400, message.removeprefix(TEXT_INPUT).lstrip(": "), param="prompt")
+        return APIError(400, message, param=first)
+    if "is not healthy" in message or "not ready" in message or "unavailable" in message.lower():
+        return APIError(503, f"model unavailable: {message}")
+    return APIError(500, f"model error: {message}")
+
+
+def grpc_error(e: InferenceServerException) -> APIError:
+    status = str(e.status() or "").removeprefix("StatusCode.")
+    code = GRPC_STATUS.get(status)
+    if code is None:
+        return model_error(e.message())
+    return APIError(code, e.message())
+
+
+class Triton:
+    def __init__(self, s: GatewaySettings):
+        self.s = s
+        self.admin = {ADMIN_GRPC_HEADER: s.admin_token or default_admin_token()}
+        self.client: grpcaio.InferenceServerClient | None = None
+        self.ready = False
+        self.discovered = False
+        self.llms: dict[str, LLMModel] = {}
+        self.embedders: dict[str, EmbeddingModel] = {}
+        self.input_types: dict[str, dict[str, str]] = {}  # model -> input name -> datatype (no TYPE_)
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.client = grpcaio.InferenceServerClient(self.s.triton_grpc_url)
+        await self.refresh()
+        self._poller = asyncio.create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        if self.client:
+            await self.client.close()
+
+    async def refresh(self) -> None:
+        try:
+            self.ready = await self.client.is_server_ready()
+            if self.ready and not self.discovered:
+                await self.discover()
+        except Exception as e:  # noqa: BLE001 - Triton not up (yet): not ready
+            if self.ready:
+                log.warning("triton not reachable: %s", e)
+            self.ready = False
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.ready_poll_s)
+            await self.refresh()
+
+    async def discover(self) -> None:
+        index = await self.client.get_model_repository_index(headers=self.admin, as_json=True)
+        llms, embedders, input_types = {}, {}, {}
+        for m in index.get("models", []):
+            name = m["name"]
+            config = (await self.client.get_model_config(name, as_json=True))["config"]
+            input_types[name] = {i["name"]: DATATYPES.get(i["data_type"], i["data_type"].removeprefix("TYPE_"))
+                                 for i in config.get("input", [])}
+            inputs = {i["name"] for i in config.get("input", [])}
+            outputs = {o["name"] for o in config.get("output", [])}
+            decoupled = config.get("model_transaction_policy", {}).get("decoupled", False)
+            if decoupled and TEXT_INPUT in inputs and TEXT_OUTPUT in outputs:
+                params = _param_values(config)
+                settings = EngineSettings.from_parameters({k: v for k, v in params.items() if k in EngineSettings.__dataclass_fields__})
+                llms[name] = LLMModel(name, frozenset(inputs), settings)
+            elif name in PIPELINES and PIPELINES[name].text.name in inputs:
+                embedders[name] = EmbeddingModel(name, PIPELINES[name])
+        await asyncio.to_thread(self._load_tokenizers, llms, embedders)
+        self.llms, self.embedders, self.input_types, self.discovered = llms, embedders, input_types, True
+        log.info("models: LLM %s, embedding %s", sorted(llms), sorted(embedders))
+
+    def _load_tokenizers(self, llms: dict[str, LLMModel], embedders: dict[str, EmbeddingModel]) -> None:
+        repo = Path(self.s.model_repository)
+        for m in llms.values():
+            version = _version_dir(repo, m.name)
+            ckpt = Path(m.settings.checkpoint)
+            ckpt = ckpt if ckpt.is_absolute() or version is None else version / ckpt
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(ckpt)
+                if tok.chat_template:
+                    m.chat_tokenizer = tok
+                else:
+                    m.chat_problem = f"the tokenizer of {m.name!r} has no chat template; use /v1/completions"
+            except Exception as e:  # noqa: BLE001 - chat unavailable for this model, completions still work
+                m.chat_problem = f"no tokenizer for {m.name!r} at {ckpt} ({type(e).__name__}); use /v1/completions"
+        for m in embedders.values():
+            d = tokenizer_dir(repo, m.spec)
+            if d is not None:
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+                tok.enable_truncation(m.spec.encoder.max_seq_len)
+                tok.no_padding()  # count real tokens only
+                m.counter = tok
+
+    # ---- lookups -------------------------------------------------------------------------------
+
+    def _require_ready(self) -> None:
+        if not self.ready or not self.discovered:
+            raise APIError(503, "the inference server is not ready", headers={"Retry-After": str(self.s.retry_after_s)})
+
+    def llm(self, name: str) -> LLMModel:
+        self._require_ready()
+        if name not in self.llms:
+            raise APIError(404, f"model {name!r} does not exist or is not a text generation model; "
+                                f"available: {sorted(self.llms)}", param="model", code="model_not_found")
+        return self.llms[name]
+
+    def embedder(self, name: str) -> EmbeddingModel:
+        self._require_ready()
+        if name not in self.embedders:
+            raise APIError(404, f"model {name!r} does not exist or is not an embedding model; "
+                                f"available: {sorted(self.embedders)}", param="model", code="model_not_found")
+        return self.embedders[name]
+
+    # ---- calls ---------------------------------------------------------------------------------
+
+    async def generate(self, model: LLMModel, prompt: str, params: dict, stream: bool) -> AsyncIterator[Chunk]:
+        """The responses of one generation; leaving the loop early (or being cancelled) cancels it."""
+        missing = sorted(set(params) - model.inputs)
+        if missing:
+            raise APIError(400, f"model {model.name!r} does not accept {missing}", param=missing[0])
+        cap = model.settings.max_tokens_cap
+        if params.get("max_tokens", 1) > cap:
+            raise APIError(400, f"max_tokens must be <= {cap} for model {model.name!r}", param="max_tokens")
+        inputs = make_inputs("grpc", request_arrays(prompt, stream=stream, **params))
+        request = {"model_name": model.name, "inputs": inputs, "request_id": uuid.uuid4().hex}
+
+        async def one():
+            yield request
+
+        responses = self.client.stream_infer(one())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise model_error(error.message())
+                chunk = _chunk(result)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+            raise APIError(502, "the inference server closed the stream before the final response")
+        except InferenceServerException as e:
+            raise grpc_error(e) from None
+        finally:
+            responses.cancel()  # no-op once complete; otherwise Triton cancels the request
+
+    async def embed(self, model: EmbeddingModel, texts: list[str]) -> np.ndarray:
+        """[len(texts), hidden] float32, in as many Triton requests (run concurrently) as needed."""
+        n = model.spec.max_texts
+        parts = await asyncio.gather(*(self._embed_one(model, texts[i:i + n]) for i in range(0, len(texts), n)))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    async def _embed_one(self, model: EmbeddingModel, texts: list[str]) -> np.ndarray:
+        spec = model.spec
+        arrays = {spec.text.name: np.array([t.encode("utf-8") for t in texts], dtype=np.object_)}
+        try:
+            result = await self.client.infer(model.name, make_inputs("grpc", arrays),
+                                             outputs=make_outputs("grpc", [spec.embedding.name]))
+        except InferenceServerException as e:
+            raise grpc_error(e) from None
+        return result.as_numpy(spec.embedding.name)
+
+    def count_tokens(self, model: EmbeddingModel, texts: list[str]) -> int:
+        if model.counter is None:
+            return 0
+        return sum(len(e.ids) for e in model.counter.encode_batch(texts))
+
+
+def _chunk(result) -> Chunk:
+    return Chunk(text=first_value(result, TEXT_OUTPUT) or "", finish_reason=first_value(result, "finish_reason"),
+                 prompt_tokens=first_value(result, "num_input_tokens"), completion_tokens=first_value(result, "num_output_tokens"))

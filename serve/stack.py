@@ -1,0 +1,288 @@
+"""What `make serve` runs: tritonserver and the gateway in front of it, started, watched and stopped
+together.
+
+Library: `with ServingStack(ServerOptions(...), GatewaySettings(...)) as stack:` (tests, benchmarks).
+`serve_forever()` is the CLI body of `python -m serve.launcher`.
+
+Ports (defaults): the gateway on 8000 is the only HTTP surface (OpenAI + KServe v2); Triton's gRPC on
+8001 and metrics on 8002 stay for in-host clients; Triton's own HTTP moves to 8003, internal (the
+gateway forwards to it; Triton 2.51's HTTP server must never face untrusted clients).
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import fields
+from pathlib import Path
+
+from gateway import settings as gateway_settings
+from gateway.__main__ import GRACEFUL_SHUTDOWN_S
+from gateway.settings import GatewaySettings
+from serve import paths
+from serve.environment import SetupError
+from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, TritonServer, port_is_free
+
+# Gateway settings the stack wires from the server's options (never taken from flags here).
+WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token")
+SECRET_ENV = {"api_keys": "GATEWAY_API_KEYS"}  # passed by environment, never on a command line
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while starting."""
+
+
+class Signals:
+    """SIGINT/SIGTERM without locks in a handler: the Python handler does nothing; the interpreter's
+    C-level handler writes the signal number to a pipe (set_wakeup_fd) that the main thread reads.
+    (A handler that sets a threading.Event takes its lock and can deadlock the thread it interrupted
+    inside Event.wait().)"""
+
+    WATCHED = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old = {s: signal.signal(s, lambda *_: None) for s in self.WATCHED}
+        self.received: int | None = None
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to timeout_s; True once SIGINT/SIGTERM has arrived."""
+        if self.received is None and select.select([self._r], [], [], timeout_s)[0]:
+            for b in os.read(self._r, 256):
+                if b in self.WATCHED:
+                    self.received = b
+        return self.received is not None
+
+    def sleep_or_raise(self, timeout_s: float) -> None:
+        if self.wait(timeout_s):
+            raise Interrupted(signal.Signals(self.received).name)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        os.close(self._r)
+        os.close(self._w)
+
+
+def gateway_argv(s: GatewaySettings) -> list[str]:
+    """Flags for `python -m gateway` that reproduce `s` (secrets excluded: see gateway_env)."""
+    argv, default = [], GatewaySettings()
+    for f in fields(GatewaySettings):
+        value = getattr(s, f.name)
+        if f.name in SECRET_ENV or f.name == "admin_token" or value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+class GatewayProcess:
+    """`python -m gateway` as a child process in its own session."""
+
+    def __init__(self, settings: GatewaySettings, log_path: Path):
+        self.settings, self.log_path = settings, log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "GatewayProcess":
+        env = dict(os.environ)
+        env[ADMIN_TOKEN_ENV] = self.settings.admin_token or ""
+        for name, var in SECRET_ENV.items():
+            env[var] = ",".join(getattr(self.settings, name))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "gateway", *gateway_argv(self.settings)],
+                                            cwd=paths.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        return self
+
+    def is_ready(self) -> bool:
+        ctx = ssl._create_unverified_context() if self.settings.tls else None  # our own cert, on loopback
+        try:
+            with urllib.request.urlopen(f"{self.settings.url}/health", timeout=2, context=ctx) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        """SIGTERM: uvicorn stops accepting, lets in-flight requests finish (GRACEFUL_SHUTDOWN_S), exits."""
+        p = self.process
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=GRACEFUL_SHUTDOWN_S + 5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode
+
+
+class ServingStack:
+    """tritonserver + the gateway. `with ServingStack(opts) as stack:` starts both and waits for both."""
+
+    def __init__(self, options: ServerOptions | None = None, gateway: GatewaySettings | None = None):
+        self.server = TritonServer(options)
+        o = self.server.options
+        gateway = gateway or gateway_settings.from_env()
+        self.gateway = GatewayProcess(gateway.replace(
+            host=o.host, triton_grpc_url=self.server.grpc_url, triton_http_url=self.server.http_url,
+            model_repository=Path(o.model_repository), admin_token=self.server.admin_token),
+            Path(self.server.log_path).with_name(f"gateway-{gateway.port}.log"))
+
+    # ---- endpoints: HTTP is the gateway's; the rest is Triton's
+    @property
+    def http_url(self) -> str:
+        return f"{self.gateway.settings.host}:{self.gateway.settings.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's URL, scheme included (OpenAI SDK base_url = base_url + '/v1')."""
+        return self.gateway.settings.url
+
+    @property
+    def triton_http_url(self) -> str:
+        """Triton's own (internal) HTTP endpoint."""
+        return self.server.http_url
+
+    def __getattr__(self, name):  # grpc_url, metrics_url, admin_headers, stub_pids, ...: the server's
+        return getattr(self.server, name)
+
+    # ---- lifecycle
+    def start(self) -> "ServingStack":
+        if not port_is_free(self.gateway.settings.host, self.gateway.settings.port):
+            raise SetupError(f"port {self.gateway.settings.port} on {self.gateway.settings.host} (the gateway) is already in "
+                             "use; stop what holds it or choose another with --http-port")
+        self.server.start()
+        return self
+
+    def wait_ready(self, sleep=time.sleep) -> "ServingStack":
+        """Triton ready, then the gateway started and ready. `sleep(t)` may raise to abort (signals)."""
+        self.server.wait_ready(sleep=sleep)
+        self.gateway.start()
+        deadline = time.monotonic() + 60
+        while not self.gateway.is_ready():
+            if self.gateway.process.poll() is not None or time.monotonic() > deadline:
+                raise SetupError(f"the gateway did not start (log {self.gateway.log_path}):\n{self.gateway_log_tail()}")
+            sleep(0.1)
+        return self
+
+    def gateway_log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.gateway.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self) -> int | None:
+        """The gateway first (in-flight requests finish while Triton still serves), then Triton."""
+        self.gateway.stop()
+        return self.server.stop()
+
+    def __enter__(self) -> "ServingStack":
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _follow(paths_: list[Path], stop: threading.Event) -> None:
+    """Print the server and gateway logs as they grow (the foreground `make serve` experience)."""
+    files = []
+    for p in paths_:
+        f = open(p, "rb")
+        f.seek(0, os.SEEK_END)
+        files.append(f)
+    while not stop.is_set():
+        idle = True
+        for f in files:
+            line = f.readline()
+            if line:
+                idle = False
+                sys.stdout.write(line.decode(errors="replace"))
+        sys.stdout.flush()
+        if idle:
+            time.sleep(0.2)
+
+
+def banner(stack: ServingStack) -> str:
+    s, o = stack.gateway.settings, stack.server.options
+    token_at = f"${ADMIN_TOKEN_ENV}" if os.environ.get(ADMIN_TOKEN_ENV) else str(paths.BUILD_DIR / "admin-token")
+    key = ' -H "Authorization: Bearer $KEY"' if s.api_keys else ""
+    return (
+        f"\nReady.\n"
+        f"  gateway  {s.url}   OpenAI: {s.url}/v1   KServe v2: {s.url}/v2   (the only HTTP surface)\n"
+        f"  gRPC     {stack.server.grpc_url}   metrics {stack.server.metrics_url}   "
+        f"Triton HTTP {stack.server.http_url} (internal)\n"
+        f"  API keys: {'required' if s.api_keys else 'none (set GATEWAY_API_KEYS or --api-key)'}; admin APIs need "
+        f"header 'admin-token' (token in {token_at})\n"
+        f"Try:\n"
+        f"  curl -s {s.url}/v1/chat/completions{key} -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"model\":\"tiny_llama\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'\n"
+        f"  curl -s {s.url}/v1/embeddings{key} -H 'Content-Type: application/json' "
+        f"-d '{{\"model\":\"minilm_text\",\"input\":\"hello world\"}}'\n"
+        f"Ctrl-C stops both.\n"
+    )
+
+
+def serve_forever(options: ServerOptions, gateway: GatewaySettings, quiet: bool = False) -> int:
+    """CLI body: start both, print endpoints, follow the logs until SIGINT/SIGTERM or a child dies."""
+    signals = Signals()
+    stack = ServingStack(options, gateway)
+    stop_following = threading.Event()
+    try:
+        try:
+            stack.start()
+            print(f"tritonserver starting (log: {stack.server.log_path}) ...", flush=True)
+            stack.wait_ready(sleep=signals.sleep_or_raise)
+        except SetupError as e:
+            stack.stop()
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except Interrupted as e:
+            print(f"\n{e} while starting: stopping ...", flush=True)
+            stack.stop()
+            return 0
+        print(banner(stack), flush=True)
+        if not quiet:
+            threading.Thread(target=_follow, args=([stack.server.log_path, stack.gateway.log_path], stop_following),
+                             daemon=True).start()
+        died = None
+        while not signals.wait(0.5):
+            for name, p in (("tritonserver", stack.server.process), ("gateway", stack.gateway.process)):
+                if p.poll() is not None:
+                    died = name
+            if died:
+                break
+        stop_following.set()
+        print(f"\nstopping{f' ({died} exited)' if died else ''} ...", flush=True)
+        gateway_code = stack.gateway.stop()
+        code = stack.server.stop()
+        left = stack.server.stub_pids() + stack.server.shm_regions()
+        gateway_code = 0 if gateway_code == -signal.SIGTERM else gateway_code  # uvicorn re-raises SIGTERM after a clean stop
+        print(f"gateway exited ({gateway_code}); tritonserver exited ({code}); leftover stubs/shm regions: "
+              f"{left or 'none'}", flush=True)
+        if died:
+            print(stack.server.log_tail() if died == "tritonserver" else stack.gateway_log_tail(), file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        stop_following.set()
+        signals.close()

@@ -1,0 +1,179 @@
+"""The gateway's parts without a server: settings, body limits, validation, routing, error mapping,
+deadlines and admission (with a fake backend), and the lock-free signal wait of `make serve`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+
+from gateway import settings as settings_mod
+from gateway.app import create_app
+from gateway.body import depth_of, parse_json
+from gateway.errors import APIError
+from gateway.kserve import COMPILED, check_generate_inputs, fits
+from gateway.openai_schema import ChatRequest, CompletionRequest, validate
+from gateway.settings import GatewaySettings
+from gateway.triton import Chunk, LLMModel, model_error
+from llm.settings import EngineSettings
+from serve.stack import Signals, gateway_argv
+
+S = GatewaySettings()
+
+
+def test_settings_from_env_and_flags():
+    s = settings_mod.from_env({"GATEWAY_MAX_BODY_BYTES": "100", "GATEWAY_API_KEYS": "a, b", "GATEWAY_ACCESS_LOG": "false"})
+    assert (s.max_body_bytes, s.api_keys, s.access_log) == (100, ("a", "b"), False)
+    p = argparse.ArgumentParser()
+    settings_mod.add_arguments(p)
+    s = settings_mod.from_args(p.parse_args(["--port", "9", "--api-key", "k", "--no-access-log"]), env={})
+    assert (s.port, s.api_keys, s.access_log) == (9, ("k",), False)
+    with pytest.raises(ValueError, match="GATEWAY_MAX_JSON_DEPTH"):
+        settings_mod.from_env({"GATEWAY_MAX_JSON_DEPTH": "deep"})
+    with pytest.raises(ValueError, match="max_body_bytes must be >= 1"):
+        GatewaySettings(max_body_bytes=0)
+    with pytest.raises(ValueError, match="together"):
+        GatewaySettings(tls_certfile="cert.pem")
+
+
+def test_launcher_argv_reproduces_the_settings_but_never_the_secrets():
+    s = GatewaySettings(port=9100, max_concurrent_generations=3, access_log=False, api_keys=("secret",), admin_token="t")
+    argv = gateway_argv(s)
+    assert "secret" not in argv and "t" not in argv
+    p = argparse.ArgumentParser()
+    settings_mod.add_arguments(p)
+    assert settings_mod.from_args(p.parse_args(argv), env={}) == s.replace(api_keys=(), admin_token=None)
+
+
+def test_json_parsing_refuses_what_is_malformed():
+    assert depth_of({"a": [1, {"b": []}]}) == 4 and depth_of({}) == 1 and depth_of(5) == 0
+    assert parse_json(b'{"a": 1}', S) == {"a": 1}
+    for body, words in [(b"", "empty"), (b"{", "not valid JSON"), (b"[1]", "must be a JSON object, got an array"),
+                        (b'"x"', "got a string"), (b'{"a": "\xff"}', "UTF-8"),
+                        (b'{"a":' + b"[" * 70 + b"]" * 70 + b"}", "nested deeper than 64"),
+                        (b"[" * 5000 + b"]" * 5000, "nested deeper")]:
+        with pytest.raises(APIError, match=words) as e:
+            parse_json(body, S)
+        assert e.value.status == 400
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n", "only n=1"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop", "at most 4"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2}}, "logit_bias", "not supported"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "boolean"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model", "field required"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
+])
+def test_chat_validation_names_the_field(body, param, words):
+    with pytest.raises(APIError, match=words) as e:
+        validate(ChatRequest, body)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_requests_map_to_the_llm_contract():
+    chat = validate(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7,
+                                  "temperature": 0, "stop": "END", "seed": 3, "top_k": 5})
+    assert chat.engine_params() == dict(temperature=0, top_p=1.0, return_num_input_tokens=True, return_num_output_tokens=True,
+                                        max_tokens=7, seed=3, top_k=5, stop_words=["END"])
+    completion = validate(CompletionRequest, {"model": "m", "prompt": ["p"], "echo": True})
+    assert completion.prompt_text == "p" and completion.engine_params()["exclude_input_in_output"] is False
+
+
+def test_generate_inputs_are_type_checked_against_the_config():
+    inputs = {"text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "seed": "UINT64"}
+    check_generate_inputs({"text_input": "x", "max_tokens": 3, "stream": True, "temperature": 1, "seed": 2 ** 64 - 1,
+                           "other_parameter": {"any": "thing"}}, inputs)
+    for body, field in [({"max_tokens": "abc"}, "max_tokens"), ({"max_tokens": 2 ** 31}, "max_tokens"),
+                        ({"stream": 1}, "stream"), ({"temperature": True}, "temperature"), ({"seed": -1}, "seed"),
+                        ({"text_input": ["ok", 5]}, "text_input")]:
+        with pytest.raises(APIError) as e:
+            check_generate_inputs(body, inputs)
+        assert e.value.param == field and e.value.status == 400
+    assert fits(1.5, "FP64") and not fits(1.5, "INT8") and not fits(128, "INT8") and fits(-128, "INT8")
+
+
+@pytest.mark.parametrize("path,admin", [
+    ("/v2/models/stats", True), ("/v2/models/m/stats", True), ("/v2/models/m/versions/1/stats", True),
+    ("/v2/models/m/infer", False), ("/v2/models/m/versions/2/generate_stream", False), ("/v2/health/ready", False),
+    ("/v2/systemsharedmemory/region/r/register", True), ("/v2/repository/index", True),
+])
+def test_routes_forwarded(path, admin):
+    match = next((a for p, _, a in COMPILED if p.fullmatch(path)), None)
+    assert match is admin
+
+
+@pytest.mark.parametrize("path", ["/v2/models/../x", "/v2/models/a%2Fb/infer", "/v2/models/m/versions/x/infer",
+                                  "/v2/models/" + "m" * 200, "/v2/anything"])
+def test_routes_refused(path):
+    assert not any(p.fullmatch(path) for p, _, _ in COMPILED)
+
+
+def test_model_errors_become_statuses():
+    e = model_error("max_tokens must be in [1, 256], got 0")
+    assert (e.status, e.param) == (400, "max_tokens")
+    e = model_error("text_input: prompt has 900 tokens; the context limit is 512")
+    assert (e.status, e.param, e.message) == (400, "prompt", "prompt has 900 tokens; the context limit is 512")
+    assert model_error("Stub process 'tiny_llama_0_0' is not healthy.").status == 503
+    assert model_error("CUDA out of memory").status == 500
+
+
+class FakeTriton:
+    """Just enough of gateway.triton.Triton: one LLM whose generations take `step_s` per chunk."""
+
+    def __init__(self, chunks: int, step_s: float):
+        self.chunks, self.step_s, self.ready, self.discovered = chunks, step_s, True, True
+        self.llms, self.embedders, self.closed = {"fake": LLMModel("fake", frozenset(), EngineSettings())}, {}, 0
+
+    def _require_ready(self):
+        pass
+
+    def llm(self, name):
+        return self.llms[name]
+
+    async def generate(self, model, prompt, params, stream):
+        try:
+            for i in range(self.chunks):
+                await asyncio.sleep(self.step_s)
+                last = i == self.chunks - 1
+                yield Chunk(f"t{i} ", "length" if last else None, 1 if last else None, self.chunks if last else None)
+        finally:
+            self.closed += 1
+
+
+def call(app, body: dict) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            return await c.post("/v1/completions", json=body)
+    return asyncio.run(go())
+
+
+def test_deadline_504_and_stream_error_event_and_admission_given_back():
+    fake = FakeTriton(chunks=50, step_s=0.02)
+    app = create_app(S.replace(request_timeout_s=0.2, max_concurrent_generations=1, access_log=False), fake)
+    routes = app.app.state.openai
+    r = call(app, {"model": "fake", "prompt": "x"})
+    assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+    assert routes.admission.active == 0 and fake.closed == 1
+    r = call(app, {"model": "fake", "prompt": "x", "stream": True})
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and '"timeout_error"' in events[-2] and events[-1] == "data: [DONE]"
+    assert routes.admission.active == 0 and fake.closed == 2
+    fast = create_app(S.replace(access_log=False), FakeTriton(chunks=3, step_s=0))
+    r = call(fast, {"model": "fake", "prompt": "x"})
+    assert r.json()["choices"][0]["text"] == "t0 t1 t2 " and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_signal_wait_needs_no_lock():
+    signals = Signals()
+    try:
+        assert not signals.wait(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.wait(1.0) and signals.received == signal.SIGTERM
+    finally:
+        signals.close()
