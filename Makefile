@@ -8,9 +8,9 @@ BENCH_ARGS  ?=
 BUNDLE_PYTHON ?= 3.12
 TRT_ARGS    ?=
 
-.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bundle clean
+.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bench-gateway bundle clean
 
-serve: export ## set up, export the default models, run tritonserver on 127.0.0.1 (Ctrl-C stops)
+serve: export ## set up, export the default models, run tritonserver + the gateway on 127.0.0.1:8000 (Ctrl-C stops both)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
 
 test: export ## the whole test suite against real servers
@@ -44,6 +44,10 @@ export-llm-gpu: setup ## random TinyLlama/Llama-3.1-8B-shaped LLMs (run on the G
 
 bench-encoder-cpu: export ## perf_analyzer sweep of the encoders and the text pipeline on this CPU (~8 min)
 	$(PY) -m bench.encoder_cpu $(BENCH_ARGS)
+
+bench-gateway: export ## the gateway's overhead vs direct gRPC, and AIPerf through /v1/chat/completions (CPU, ~12 min)
+	$(PY) -m bench.gateway_overhead $(BENCH_ARGS)
+	$(PY) -m bench.aiperf_gateway
 
 bench: setup ## LLM benchmark through Triton + in-process + baselines + roofline (GPU host; docs/gpu.md)
 	$(PY) -m bench.llm $(BENCH_ARGS)

@@ -147,6 +147,8 @@ class KServeProxy:
         except httpx.TransportError as e:
             raise APIError(503, f"the inference server is unavailable ({type(e).__name__})") from None
         relay = {k: v for k, v in response.headers.items() if k.lower() in RELAY}
+        if response.status_code == 503:  # Triton's UNAVAILABLE (e.g. the LLM's bounded admission): retryable
+            relay["Retry-After"] = str(self.s.retry_after_s)
         if m.groupdict().get("generate") == "generate_stream" and response.status_code == 200:
             return SSEResponse(response.aiter_raw(), on_close=response.aclose)
         try:  # raw: a compressed body is relayed as it is, with its Content-Encoding

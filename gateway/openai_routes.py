@@ -149,7 +149,8 @@ class OpenAIRoutes:
 
     async def _generate(self, request: Request, req, model: LLMModel, prompt: str, kind: _Kind) -> Response:
         release = self.admission.acquire()
-        chunks = self._deadlined(self.triton.generate(model, prompt, req.engine_params(), stream=req.stream), release)
+        chunks = self._released(self.triton.generate(model, prompt, req.engine_params(), stream=req.stream,
+                                                     timeout_s=self.s.request_timeout_s), release)
         try:
             # The first response is awaited before answering, so that a refused request (a prompt too
             # long, a bad parameter) gets its 4xx status instead of a 200 stream holding an error.
@@ -174,19 +175,11 @@ class OpenAIRoutes:
         return json_response({"id": rid, "object": kind.object, "created": created, "model": req.model,
                               "choices": [kind.choice("".join(parts), last.finish_reason)], "usage": usage(last)})
 
-    async def _deadlined(self, chunks: AsyncIterator[Chunk], release) -> AsyncIterator[Chunk]:
-        """The chunks, ending with a 504 APIError once request_timeout_s has passed; closing it
-        cancels the generation and gives its admission back (release)."""
-        deadline = time.monotonic() + self.s.request_timeout_s
+    async def _released(self, chunks: AsyncIterator[Chunk], release) -> AsyncIterator[Chunk]:
+        """The chunks; closing it cancels the generation and gives its admission back (release)."""
         try:
-            while True:
-                try:
-                    yield await asyncio.wait_for(chunks.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise APIError(504, f"generation did not finish within {self.s.request_timeout_s:g} s "
-                                        "(request_timeout_s); it was cancelled") from None
+            async for c in chunks:
+                yield c
         finally:
             try:
                 await chunks.aclose()

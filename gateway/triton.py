@@ -15,22 +15,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from clients.common import make_inputs, make_outputs
-from clients.llm_stream import first_value, request_arrays
+from clients.llm_stream import request_arrays
 from export.pipeline import tokenizer_dir
 from export.specs import LLM_IO, PIPELINES, TextPipelineSpec
-from gateway.errors import APIError
+from gateway.errors import APIError, overloaded
 from gateway.settings import GatewaySettings
 from llm.settings import EngineSettings
 from serve.launcher import ADMIN_GRPC_HEADER, default_admin_token
 
 log = logging.getLogger("gateway")
 LLM_INPUTS = {t.name for t in LLM_IO.inputs}
-TEXT_INPUT, TEXT_OUTPUT = LLM_IO.inputs[0].name, LLM_IO.outputs[0].name
+TEXT_INPUT = LLM_IO.inputs[0].name
+TEXT_OUTPUT, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS = (t.name for t in LLM_IO.outputs)
 # Config data types whose KServe datatype name differs (TYPE_STRING is BYTES on the wire).
 DATATYPES = {"TYPE_STRING": "BYTES"}
 # gRPC status -> HTTP status for errors that carry one (unary calls).
@@ -73,7 +75,7 @@ def _version_dir(repo: Path, name: str) -> Path | None:
     return repo / name / str(versions[0]) if versions else None
 
 
-def model_error(message: str) -> APIError:
+def model_error(message: str, retry_after_s: int = 1) -> APIError:
     """A generation's error message (gRPC streams carry no status code) -> APIError. The engine's
     request errors name the contract input first ("max_tokens must be ...", "text_input: ...")."""
     first = message.replace(":", " ").split(" ", 1)[0]
@@ -81,6 +83,8 @@ def model_error(message: str) -> APIError:
         if first == TEXT_INPUT:  # the OpenAI routes call it prompt (or messages)
             return APIError(400, message.removeprefix(TEXT_INPUT).lstrip(": "), param="prompt")
         return APIError(400, message, param=first)
+    if message.startswith("overloaded"):  # the engine's bounded admission: retry later
+        return overloaded(f"model overloaded: {message}", retry_after_s, status=503)
     if "is not healthy" in message or "not ready" in message or "unavailable" in message.lower():
         return APIError(503, f"model unavailable: {message}")
     return APIError(500, f"model error: {message}")
@@ -201,8 +205,10 @@ class Triton:
 
     # ---- calls ---------------------------------------------------------------------------------
 
-    async def generate(self, model: LLMModel, prompt: str, params: dict, stream: bool) -> AsyncIterator[Chunk]:
-        """The responses of one generation; leaving the loop early (or being cancelled) cancels it."""
+    async def generate(self, model: LLMModel, prompt: str, params: dict, stream: bool,
+                       timeout_s: float | None = None) -> AsyncIterator[Chunk]:
+        """The responses of one generation; leaving the loop early (or being cancelled) cancels it.
+        timeout_s: the gRPC deadline of the whole generation (-> APIError 504; Triton cancels it)."""
         missing = sorted(set(params) - model.inputs)
         if missing:
             raise APIError(400, f"model {model.name!r} does not accept {missing}", param=missing[0])
@@ -215,18 +221,23 @@ class Triton:
         async def one():
             yield request
 
-        responses = self.client.stream_infer(one())
+        responses = self.client.stream_infer(one(), stream_timeout=timeout_s)
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise model_error(error.message())
-                chunk = _chunk(result)
+                    raise model_error(error.message(), self.s.retry_after_s)
+                chunk = _chunk(result.get_response())
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
             raise APIError(502, "the inference server closed the stream before the final response")
         except InferenceServerException as e:
             raise grpc_error(e) from None
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise APIError(504, f"generation did not finish within {timeout_s:g} s (request_timeout_s); "
+                                    "it was cancelled") from None
+            raise APIError(GRPC_STATUS.get(e.code().name, 500), f"inference server: {e.details()}") from None
         finally:
             responses.cancel()  # no-op once complete; otherwise Triton cancels the request
 
@@ -252,6 +263,14 @@ class Triton:
         return sum(len(e.ids) for e in model.counter.encode_batch(texts))
 
 
-def _chunk(result) -> Chunk:
-    return Chunk(text=first_value(result, TEXT_OUTPUT) or "", finish_reason=first_value(result, "finish_reason"),
-                 prompt_tokens=first_value(result, "num_input_tokens"), completion_tokens=first_value(result, "num_output_tokens"))
+def _chunk(response) -> Chunk:
+    """A ModelInferResponse of the LLM contract -> Chunk. Read straight from the protobuf (one BYTES or
+    INT32 element per output): this runs once per streamed token."""
+    values = {}
+    for out, raw in zip(response.outputs, response.raw_output_contents):
+        if out.datatype == "BYTES":
+            values[out.name] = raw[4:4 + int.from_bytes(raw[:4], "little")].decode("utf-8", errors="replace")
+        elif out.datatype == "INT32":
+            values[out.name] = int.from_bytes(raw[:4], "little", signed=True)
+    return Chunk(text=values.get(TEXT_OUTPUT, ""), finish_reason=values.get(FINISH_REASON),
+                 prompt_tokens=values.get(NUM_INPUT_TOKENS), completion_tokens=values.get(NUM_OUTPUT_TOKENS))

@@ -12,6 +12,7 @@ In-process use (benchmarks, tests):
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -30,6 +31,11 @@ from llm.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+OVERLOADED = "overloaded"  # refused at admission (waiting list full, or waited too long): retryable
+# Fault injection, for tests only: "MARKER=error" or "MARKER=oom" makes every prefill batch holding a
+# prompt that contains MARKER raise (RuntimeError / torch.OutOfMemoryError). Unset: no effect.
+FAULT_ENV = "LLM_FAULT_INJECTION"
+FAULTS = {"error": lambda: RuntimeError("injected fault"), "oom": lambda: torch.OutOfMemoryError("injected out of memory")}
 # A first token later than this after arrival is logged with where the time went (queue, slot, prefill).
 SLOW_FIRST_TOKEN_S = 1.0
 
@@ -56,6 +62,7 @@ class Request:
     prefix_text: str = ""  # echoed prompt (exclude_input_in_output=false): starts the first response
     is_cancelled: Callable[[], bool] | None = None
     arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here
+    fault: str | None = None  # an injected fault (FAULT_ENV), raised when its batch runs
 
 
 class Metrics:
@@ -67,6 +74,15 @@ class Metrics:
     # A request finished (called before its final response is emitted): flush counters now, so
     # that a client that has received the final response reads totals that include its tokens.
     def finished(self) -> None: ...
+
+
+def _parse_fault(spec: str) -> tuple[str, str] | None:
+    if not spec:
+        return None
+    marker, _, kind = spec.rpartition("=")
+    if not marker or kind not in FAULTS:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected MARKER=KIND with KIND in {sorted(FAULTS)}")
+    return marker, kind
 
 
 class _Seq:
@@ -132,6 +148,7 @@ class Engine:
         self._last_metrics = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -148,6 +165,8 @@ class Engine:
             raise ValueError(f"text_input: prompt has {len(ids)} tokens; the context limit is "
                              f"{self.max_context} (prompt + at least one generated token)")
         req = Request(ids, params, emit, stream=stream, prefix_text=text if echo else "", is_cancelled=is_cancelled)
+        if self._fault and self._fault[0] in text:
+            req.fault = self._fault[1]
         if arrival is not None:
             req.arrival = arrival
         return req
@@ -180,7 +199,7 @@ class Engine:
         while not self._stop.is_set():
             if not self.running and not self.waiting:
                 try:  # idle: block instead of spinning
-                    self.waiting.append(_Seq(self._incoming.get(timeout=0.1), self))
+                    self._enqueue(_Seq(self._incoming.get(timeout=0.1), self))
                 except queue.Empty:
                     self._publish_metrics(force=False)
                     continue
@@ -214,9 +233,23 @@ class Engine:
     def _drain(self) -> None:
         while True:
             try:
-                self.waiting.append(_Seq(self._incoming.get_nowait(), self))
+                self._enqueue(_Seq(self._incoming.get_nowait(), self))
             except queue.Empty:
-                return
+                break
+        limit = self.settings.max_queue_time_s
+        now = time.perf_counter()
+        while self.waiting and now - self.waiting[0].req.arrival > limit:  # oldest first
+            self._finish(self.waiting[0], OVERLOADED, error=f"overloaded: waited {limit:g} s for a free KV-cache "
+                                                            "slot (max_queue_time_s); retry later")
+
+    def _enqueue(self, seq: _Seq) -> None:
+        """Into the waiting list, or refused at once when it is full (bounded admission)."""
+        limit = self.settings.waiting_limit
+        if len(self.waiting) - self.runner.cache.num_free >= limit:  # those free slots admit at this step
+            self._finish(seq, OVERLOADED, error=f"overloaded: {limit} requests already wait for a KV-cache slot "
+                                                "(max_waiting); retry later")
+        else:
+            self.waiting.append(seq)
 
     def _admit(self) -> None:
         while self.waiting and self.runner.cache.num_free:
@@ -235,6 +268,9 @@ class Engine:
                     self._finish(seq, ERROR, error="internal engine error (see server log)")
 
     def _prefill(self, seqs: list[_Seq]) -> None:
+        for seq in seqs:
+            if seq.req.fault:
+                raise FAULTS[seq.req.fault]()
         s = self.settings
         budget = s.prefill_chunk
         chunks = []  # (seq, start, length)

@@ -32,6 +32,11 @@ class EngineSettings:
     # most this many prompts prefilled together in one padded batch.
     prefill_chunk: int = 512
     max_prefill_batch: int = 8
+    # Admission: requests waiting for a KV slot past these are refused at once as overloaded
+    # (UNAVAILABLE; clients retry later) instead of queueing without bound. max_waiting 0 = 4 x the
+    # slots; max_queue_time_s: the longest a request may wait for a slot.
+    max_waiting: int = 0
+    max_queue_time_s: float = 30.0
     # Requests: max_tokens when the request omits it, and the largest max_tokens accepted.
     default_max_tokens: int = 64
     max_tokens_cap: int = 4096
@@ -65,6 +70,8 @@ class EngineSettings:
         assert 1 <= self.default_max_tokens <= self.max_tokens_cap, "need 1 <= default_max_tokens <= max_tokens_cap"
         assert self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}"
         assert self.cancel_check_interval >= 1, "cancel_check_interval must be >= 1"
+        assert self.max_waiting >= 0, f"max_waiting must be >= 0, got {self.max_waiting}"
+        assert self.max_queue_time_s > 0, f"max_queue_time_s must be > 0, got {self.max_queue_time_s}"
         assert self.dtype in ("auto", "float32", "bfloat16", "float16"), f"bad dtype {self.dtype!r}"
 
     @classmethod
@@ -77,6 +84,10 @@ class EngineSettings:
         values = {k: _parse(known[k].type, v) for k, v in parameters.items()}
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def waiting_limit(self) -> int:
+        return self.max_waiting or 4 * self.max_slots
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: _format(getattr(self, f.name)) for f in fields(self)}

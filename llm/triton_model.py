@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 # else is on sys.path, so the model directory is self-contained.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llm.engine import Engine, Metrics, Output
+from llm.engine import OVERLOADED, Engine, Metrics, Output
 from llm.sampling import SamplingParams
 from llm.settings import EngineSettings
 
@@ -245,7 +245,9 @@ class TritonPythonModel:
 
         def send(o: Output) -> None:  # on the Sender thread
             if o.error is not None:
-                response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(o.error))
+                # Overload is retryable: UNAVAILABLE (HTTP 503), not the default INTERNAL.
+                code = pb_utils.TritonError.UNAVAILABLE if o.finish_reason == OVERLOADED else pb_utils.TritonError.INTERNAL
+                response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(o.error, code))
             else:
                 outs = [tensor("text_output", [o.text.encode("utf-8")], np.object_)]
                 if o.finished:

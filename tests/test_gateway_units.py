@@ -136,10 +136,13 @@ class FakeTriton:
     def llm(self, name):
         return self.llms[name]
 
-    async def generate(self, model, prompt, params, stream):
+    async def generate(self, model, prompt, params, stream, timeout_s=None):
+        deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             for i in range(self.chunks):
                 await asyncio.sleep(self.step_s)
+                if asyncio.get_running_loop().time() > deadline:  # what the gRPC deadline does in Triton.generate
+                    raise APIError(504, "generation did not finish within (request_timeout_s)")
                 last = i == self.chunks - 1
                 yield Chunk(f"t{i} ", "length" if last else None, 1 if last else None, self.chunks if last else None)
         finally:
@@ -154,6 +157,8 @@ def call(app, body: dict) -> httpx.Response:
 
 
 def test_deadline_504_and_stream_error_event_and_admission_given_back():
+    """A deadline before the first chunk is a 504; one while streaming is a final error event; either way
+    the generation is closed and its admission given back."""
     fake = FakeTriton(chunks=50, step_s=0.02)
     app = create_app(S.replace(request_timeout_s=0.2, max_concurrent_generations=1, access_log=False), fake)
     routes = app.app.state.openai

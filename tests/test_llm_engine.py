@@ -347,3 +347,55 @@ def test_eos_min_tokens_ignore_eos(checkpoint, overlap):
                                    SamplingParams(max_tokens=10, ignore_eos=True)])
     assert [(x["num_output_tokens"], x["finish_reason"]) for x in r] == [(1, "stop"), (6, "stop"), (10, "length")]
     assert r[0]["text"] == "" and r[2]["text"] == ""  # EOS is a special token: no text
+
+
+def test_waiting_list_is_bounded_and_refusals_are_overloaded(checkpoint):
+    """Bounded admission: past max_waiting a request is refused at once as retryable overload; every
+    request gets exactly one final response; those admitted complete."""
+    e = make_engine(checkpoint, max_slots=2, max_context=256, max_waiting=3)
+    outs = [[] for _ in range(8)]
+    for o in outs:
+        e.submit(e.make_request("Hello", SamplingParams(max_tokens=4, ignore_eos=True), o.append))
+    for _ in range(40):
+        e.step()
+    finals = [o[-1] for o in outs]
+    assert all(o.finished for o in finals) and all(sum(x.finished for x in o) == 1 for o in outs)
+    refused = [o for o in finals if o.finish_reason == "overloaded"]
+    assert len(refused) == 8 - 2 - 3 and all("max_waiting" in o.error for o in refused)
+    assert all(o.num_output_tokens == 4 for o in finals if o.finish_reason != "overloaded")
+    assert e.settings.replace(max_waiting=0).waiting_limit == 4 * 2
+
+
+def test_queue_time_is_bounded(checkpoint):
+    e = make_engine(checkpoint, max_slots=1, max_context=256, max_queue_time_s=0.05)
+    first, second = [], []
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=200, ignore_eos=True), first.append))
+    e.step()
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=2), second.append))
+    e.step()
+    import time
+
+    time.sleep(0.1)
+    e.step()
+    assert second[-1].finish_reason == "overloaded" and "max_queue_time_s" in second[-1].error
+    assert not first[-1].finished  # the running request is not touched
+
+
+@pytest.mark.parametrize("kind", ["error", "oom"])
+def test_injected_fault_fails_its_batch_only(checkpoint, monkeypatch, kind):
+    monkeypatch.setenv("LLM_FAULT_INJECTION", f"__boom__={kind}")
+    e = make_engine(checkpoint, max_slots=4, max_context=256)
+    good, bad = [], []
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=6, ignore_eos=True), good.append))
+    for _ in range(2):
+        e.step()
+    e.submit(e.make_request("x __boom__ y", SamplingParams(max_tokens=6), bad.append))
+    for _ in range(20):
+        e.step()
+    assert bad[-1].finished and bad[-1].finish_reason == "error" and "internal engine error" in bad[-1].error
+    assert good[-1].finished and good[-1].num_output_tokens == 6 and good[-1].error is None
+    after = []
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=3, ignore_eos=True), after.append))
+    for _ in range(10):
+        e.step()
+    assert after[-1].num_output_tokens == 3 and e.runner.cache.num_free == 4
