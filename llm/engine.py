@@ -63,6 +63,7 @@ class Request:
     is_cancelled: Callable[[], bool] | None = None
     arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here
     fault: str | None = None  # an injected fault (FAULT_ENV), raised when its batch runs
+    bounded: bool = True  # subject to max_waiting / max_queue_time_s (not: batch jobs of generate())
 
 
 class Metrics:
@@ -238,14 +239,14 @@ class Engine:
                 break
         limit = self.settings.max_queue_time_s
         now = time.perf_counter()
-        while self.waiting and now - self.waiting[0].req.arrival > limit:  # oldest first
-            self._finish(self.waiting[0], OVERLOADED, error=f"overloaded: waited {limit:g} s for a free KV-cache "
-                                                            "slot (max_queue_time_s); retry later")
+        for seq in [s for s in self.waiting if s.req.bounded and now - s.req.arrival > limit]:
+            self._finish(seq, OVERLOADED, error=f"overloaded: waited {limit:g} s for a free KV-cache slot "
+                                                "(max_queue_time_s); retry later")
 
     def _enqueue(self, seq: _Seq) -> None:
         """Into the waiting list, or refused at once when it is full (bounded admission)."""
         limit = self.settings.waiting_limit
-        if len(self.waiting) - self.runner.cache.num_free >= limit:  # those free slots admit at this step
+        if seq.req.bounded and len(self.waiting) - self.runner.cache.num_free >= limit:  # free slots admit now
             self._finish(seq, OVERLOADED, error=f"overloaded: {limit} requests already wait for a KV-cache slot "
                                                 "(max_waiting); retry later")
         else:
@@ -515,7 +516,9 @@ class Engine:
 
         t0 = time.perf_counter()
         for prompt, p, r in zip(prompts, params, results):
-            self.submit(self.make_request(prompt, p, emitter(r, t0), stream=stream))
+            req = self.make_request(prompt, p, emitter(r, t0), stream=stream)
+            req.bounded = False  # a batch job: all of it waits its turn
+            self.submit(req)
         if self._thread is None:
             while not done.is_set():
                 self.step()
