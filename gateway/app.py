@@ -12,6 +12,7 @@ import sys
 import time
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from gateway.kserve import KServeProxy, kserve_error
 from gateway.openai_routes import OpenAIRoutes, json_response
 from gateway.settings import GatewaySettings
 from gateway.streaming import ClientGone
+from gateway.supervisor import Supervisor
 from gateway.triton import Triton
 
 log = logging.getLogger("gateway")
@@ -88,18 +90,29 @@ def create_app(s: GatewaySettings, triton: Triton | None = None) -> ASGIApp:
     openai = OpenAIRoutes(s, triton)
     kserve = KServeProxy(s, triton)
 
+    supervisor = Supervisor(s, triton) if s.supervise else None
+
     async def health(request: Request) -> Response:
-        """Gateway up and Triton ready (200), else 503: the probe a load balancer routes by."""
-        ok = triton.ready and triton.discovered
-        return json_response({"status": "ready" if ok else "not ready"}, 200 if ok else 503)
+        """Gateway up, Triton ready and every model serving (200), else 503: the probe to route by."""
+        if triton.all_ready:
+            return json_response({"status": "ready"})
+        return json_response({"status": "not ready", "down": triton.down}, 503)
+
+    async def metrics(request: Request) -> Response:
+        """The gateway's own Prometheus metrics (restarts, model readiness); Triton's are on its metrics port."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await triton.start()
         await kserve.start()
+        if supervisor:
+            supervisor.start()
         try:
             yield
         finally:
+            if supervisor:
+                await supervisor.close()
             await kserve.close()
             await triton.close()
 
@@ -117,11 +130,12 @@ def create_app(s: GatewaySettings, triton: Triton | None = None) -> ASGIApp:
         return render(request.url.path, APIError(500, f"internal error ({type(e).__name__}); see the gateway log"))
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *openai.routes(), *kserve.routes()],
+        routes=[Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
+                *openai.routes(), *kserve.routes()],
         exception_handlers={APIError: api_error, HTTPException: http_error, ClientGone: client_gone, Exception: internal},
         lifespan=lifespan,
     )
-    app.state.triton, app.state.openai = triton, openai
+    app.state.triton, app.state.openai, app.state.supervisor = triton, openai, supervisor
     return Guard(app, s)
 
 

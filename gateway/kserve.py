@@ -131,6 +131,7 @@ class KServeProxy:
         model = m.groupdict().get("model")
         if model:
             request.state.model = model
+        self._check_health(request, m, model)
         body = b""
         if request.method == "POST":
             body = await read_body(request, self.s)
@@ -156,6 +157,18 @@ class KServeProxy:
         finally:
             await response.aclose()
         return Response(content, status_code=response.status_code, headers=relay)
+
+    def _check_health(self, request: Request, m: re.Match, model: str | None) -> None:
+        """What Triton 2.51 gets wrong while a stub is dead (it says ready and hangs requests): answered
+        here from the supervisor's view. A restarting model is 503 on readiness, inference and generate."""
+        down = self.triton.down
+        retry = {"Retry-After": str(self.s.retry_after_s)}
+        if request.url.path.rstrip("/") == "/v2/health/ready" and down:
+            raise APIError(503, "not ready: " + "; ".join(sorted(set(down.values()))), headers=retry)
+        groups = m.groupdict()
+        serving = request.url.path.rstrip("/").endswith("/ready") or groups.get("infer") or groups.get("generate")
+        if model in down and serving:
+            raise APIError(503, down[model], headers=retry)
 
     def _check_body(self, request: Request, body: bytes, m: re.Match) -> str:
         """Parse the JSON part of the body (400 if malformed); the content type to forward."""

@@ -56,13 +56,22 @@ class GatewaySettings:
     log_prompts: bool = False
     # How often Triton's readiness is polled (the OpenAI routes answer 503 while it is not ready).
     ready_poll_s: float = 1.0
+    # Self-healing (gateway/supervisor.py): restart a model whose Python stub died or hung.
+    supervise: bool = True
+    stub_shm_prefix: str = ""  # this server's stubs (wired by serve/stack.py); empty: canaries only
+    supervise_interval_s: float = 0.5  # stub process scan
+    canary_interval_s: float = 2.0  # a 1-token generation / 1-text embedding per model
+    hang_timeout_s: float = 3.0  # a canary slower than this is a hang
+    max_restarts: int = 5  # within restart_window_s; then the model stays not ready
+    restart_window_s: float = 600.0
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_json_depth", "max_header_bytes", "max_concurrent_generations",
-                     "max_embedding_inputs", "max_connections"):
+                     "max_embedding_inputs", "max_connections", "max_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("body_timeout_s", "request_timeout_s", "ready_poll_s"):
+        for name in ("body_timeout_s", "request_timeout_s", "ready_poll_s", "supervise_interval_s",
+                     "canary_interval_s", "hang_timeout_s", "restart_window_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):

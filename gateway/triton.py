@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -108,6 +109,12 @@ class Triton:
         self.llms: dict[str, LLMModel] = {}
         self.embedders: dict[str, EmbeddingModel] = {}
         self.input_types: dict[str, dict[str, str]] = {}  # model -> input name -> datatype (no TYPE_)
+        self.steps: dict[str, list[str]] = {}  # ensemble -> the models it calls
+        self.dependents: dict[str, set[str]] = {}  # model -> the ensembles that call it
+        self.down: dict[str, str] = {}  # model -> why it does not serve now (the supervisor sets it)
+        self._inflight: dict[str, dict[int, object]] = {}  # model -> {id: gRPC call or task} of requests in flight
+        self._failed: dict[int, str] = {}  # id of a request failed by mark_down -> the reason
+        self.progress: dict[str, float] = {}  # model -> monotonic time of its last response through the gateway
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -122,10 +129,14 @@ class Triton:
             await self.client.close()
 
     async def refresh(self) -> None:
+        """Ready = Triton is live and its models were discovered once it first said ready. After that,
+        Triton's own readiness is not used: with strict readiness it goes false while the supervisor
+        reloads one model, and per-model health is `down` (the supervisor's view)."""
         try:
-            self.ready = await self.client.is_server_ready()
-            if self.ready and not self.discovered:
-                await self.discover()
+            if not self.discovered:
+                if await self.client.is_server_ready():
+                    await self.discover()
+            self.ready = self.discovered and await self.client.is_server_live()
         except Exception as e:  # noqa: BLE001 - Triton not up (yet): not ready
             if self.ready:
                 log.warning("triton not reachable: %s", e)
@@ -138,7 +149,7 @@ class Triton:
 
     async def discover(self) -> None:
         index = await self.client.get_model_repository_index(headers=self.admin, as_json=True)
-        llms, embedders, input_types = {}, {}, {}
+        llms, embedders, input_types, steps = {}, {}, {}, {}
         for m in index.get("models", []):
             name = m["name"]
             config = (await self.client.get_model_config(name, as_json=True))["config"]
@@ -147,6 +158,8 @@ class Triton:
             inputs = {i["name"] for i in config.get("input", [])}
             outputs = {o["name"] for o in config.get("output", [])}
             decoupled = config.get("model_transaction_policy", {}).get("decoupled", False)
+            if config.get("ensemble_scheduling"):
+                steps[name] = [st["model_name"] for st in config["ensemble_scheduling"].get("step", [])]
             if decoupled and TEXT_INPUT in inputs and TEXT_OUTPUT in outputs:
                 params = _param_values(config)
                 settings = EngineSettings.from_parameters({k: v for k, v in params.items() if k in EngineSettings.__dataclass_fields__})
@@ -154,7 +167,12 @@ class Triton:
             elif name in PIPELINES and PIPELINES[name].text.name in inputs:
                 embedders[name] = EmbeddingModel(name, PIPELINES[name])
         await asyncio.to_thread(self._load_tokenizers, llms, embedders)
-        self.llms, self.embedders, self.input_types, self.discovered = llms, embedders, input_types, True
+        self.dependents = {}
+        for ensemble, used in steps.items():
+            for m in used:
+                self.dependents.setdefault(m, set()).add(ensemble)
+        self.llms, self.embedders, self.input_types, self.steps = llms, embedders, input_types, steps
+        self.discovered = True
         log.info("models: LLM %s, embedding %s", sorted(llms), sorted(embedders))
 
     def _load_tokenizers(self, llms: dict[str, LLMModel], embedders: dict[str, EmbeddingModel]) -> None:
@@ -185,19 +203,66 @@ class Triton:
 
     # ---- lookups -------------------------------------------------------------------------------
 
-    def _require_ready(self) -> None:
+    def _require_ready(self, model: str | None = None) -> None:
         if not self.ready or not self.discovered:
             raise APIError(503, "the inference server is not ready", headers={"Retry-After": str(self.s.retry_after_s)})
+        if model in self.down:
+            raise APIError(503, self.down[model], code="model_restarting", headers={"Retry-After": str(self.s.retry_after_s)})
+
+    # ---- health, as the supervisor sees it -----------------------------------------------------
+
+    def mark_down(self, model: str, reason: str) -> None:
+        """`model` and the ensembles using it stop serving now; their requests in flight fail with `reason`."""
+        for m in (model, *self.dependents.get(model, ())):
+            self.down[m] = reason
+            for key, call in list(self._inflight.get(m, {}).items()):
+                self._failed[key] = reason
+                call.cancel()
+
+    def mark_up(self, model: str) -> None:
+        self.down.pop(model, None)
+        for ensemble in self.dependents.get(model, ()):
+            if not any(m in self.down for m in self.steps.get(ensemble, ())):
+                self.down.pop(ensemble, None)
+
+    @property
+    def all_ready(self) -> bool:
+        return self.ready and self.discovered and not self.down
+
+    async def reload(self, model: str) -> None:
+        """Unload + load over Triton's model control (a load of a loaded model is a no-op in 2.51)."""
+        await self.client.unload_model(model, headers=self.admin)
+        await self.client.load_model(model, headers=self.admin)
+        if not await self.client.is_model_ready(model):
+            raise RuntimeError(f"{model} not ready after loading")
+
+    async def canary(self, model: str) -> None:
+        """A smallest real request (LLM: 1 token; embedding: 1 text; other models: readiness)."""
+        if model in self.llms:
+            async for _ in self.generate(self.llms[model], "canary", {"max_tokens": 1, "temperature": 0.0},
+                                         stream=False, check_down=False):
+                pass
+        elif model in self.embedders:
+            await self._embed_one(self.embedders[model], ["canary"], check_down=False)
+        elif not await self.client.is_model_ready(model):
+            raise RuntimeError(f"{model} is not ready")
+
+    def _track(self, model: str, key: int, call) -> None:
+        self._inflight.setdefault(model, {})[key] = call
+
+    def _untrack(self, model: str, key: int) -> str | None:
+        self._inflight.get(model, {}).pop(key, None)
+        return self._failed.pop(key, None)
 
     def llm(self, name: str) -> LLMModel:
-        self._require_ready()
+        self._require_ready(name)
         if name not in self.llms:
             raise APIError(404, f"model {name!r} does not exist or is not a text generation model; "
                                 f"available: {sorted(self.llms)}", param="model", code="model_not_found")
         return self.llms[name]
 
     def embedder(self, name: str) -> EmbeddingModel:
-        self._require_ready()
+        self._require_ready(name)
         if name not in self.embedders:
             raise APIError(404, f"model {name!r} does not exist or is not an embedding model; "
                                 f"available: {sorted(self.embedders)}", param="model", code="model_not_found")
@@ -206,7 +271,7 @@ class Triton:
     # ---- calls ---------------------------------------------------------------------------------
 
     async def generate(self, model: LLMModel, prompt: str, params: dict, stream: bool,
-                       timeout_s: float | None = None) -> AsyncIterator[Chunk]:
+                       timeout_s: float | None = None, check_down: bool = True) -> AsyncIterator[Chunk]:
         """The responses of one generation; leaving the loop early (or being cancelled) cancels it.
         timeout_s: the gRPC deadline of the whole generation (-> APIError 504; Triton cancels it)."""
         missing = sorted(set(params) - model.inputs)
@@ -221,12 +286,17 @@ class Triton:
         async def one():
             yield request
 
+        if check_down:
+            self._require_ready(model.name)
         responses = self.client.stream_infer(one(), stream_timeout=timeout_s)
+        key = id(responses)
+        self._track(model.name, key, responses)
         try:
             async for result, error in responses:
                 if error is not None:
                     raise model_error(error.message(), self.s.retry_after_s)
                 chunk = _chunk(result.get_response())
+                self.progress[model.name] = time.monotonic()
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
@@ -238,7 +308,14 @@ class Triton:
                 raise APIError(504, f"generation did not finish within {timeout_s:g} s (request_timeout_s); "
                                     "it was cancelled") from None
             raise APIError(GRPC_STATUS.get(e.code().name, 500), f"inference server: {e.details()}") from None
+        except asyncio.CancelledError:
+            reason = self._failed.get(key)
+            if reason is None:
+                raise  # our caller was cancelled (the client went away)
+            raise APIError(503, f"{reason}; this request was failed", code="model_restarting",
+                           headers={"Retry-After": str(self.s.retry_after_s)}) from None
         finally:
+            self._untrack(model.name, key)
             responses.cancel()  # no-op once complete; otherwise Triton cancels the request
 
     async def embed(self, model: EmbeddingModel, texts: list[str]) -> np.ndarray:
@@ -247,14 +324,28 @@ class Triton:
         parts = await asyncio.gather(*(self._embed_one(model, texts[i:i + n]) for i in range(0, len(texts), n)))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    async def _embed_one(self, model: EmbeddingModel, texts: list[str]) -> np.ndarray:
+    async def _embed_one(self, model: EmbeddingModel, texts: list[str], check_down: bool = True) -> np.ndarray:
         spec = model.spec
+        if check_down:
+            self._require_ready(model.name)
         arrays = {spec.text.name: np.array([t.encode("utf-8") for t in texts], dtype=np.object_)}
+        task = asyncio.ensure_future(self.client.infer(model.name, make_inputs("grpc", arrays),
+                                                       outputs=make_outputs("grpc", [spec.embedding.name])))
+        key = id(task)
+        self._track(model.name, key, task)
         try:
-            result = await self.client.infer(model.name, make_inputs("grpc", arrays),
-                                             outputs=make_outputs("grpc", [spec.embedding.name]))
+            result = await task
+            self.progress[model.name] = time.monotonic()
         except InferenceServerException as e:
             raise grpc_error(e) from None
+        except asyncio.CancelledError:
+            reason = self._failed.get(key)
+            if reason is None:
+                raise
+            raise APIError(503, f"{reason}; this request was failed", code="model_restarting",
+                           headers={"Retry-After": str(self.s.retry_after_s)}) from None
+        finally:
+            self._untrack(model.name, key)
         return result.as_numpy(spec.embedding.name)
 
     def count_tokens(self, model: EmbeddingModel, texts: list[str]) -> int:

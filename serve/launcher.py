@@ -88,7 +88,10 @@ def server_args(o: ServerOptions, backends: Path, token: str, shm_prefix: str) -
         str(environment.tritonserver_bin()),
         f"--model-repository={o.model_repository}",
         f"--backend-directory={backends}",
-        "--model-control-mode=none",
+        # explicit + load everything: what "none" does, plus reloading one model (the gateway's
+        # supervisor heals a crashed stub that way). The model-repository API is admin-restricted.
+        "--model-control-mode=explicit",
+        "--load-model=*",
         "--disable-auto-complete-config",  # our configs are complete, generated from the spec
         f"--strict-readiness={str(o.strict_readiness).lower()}",
         f"--exit-timeout-secs={o.exit_timeout_secs}",

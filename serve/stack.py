@@ -30,7 +30,7 @@ from serve.environment import SetupError
 from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, TritonServer, port_is_free
 
 # Gateway settings the stack wires from the server's options (never taken from flags here).
-WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token")
+WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")
 SECRET_ENV = {"api_keys": "GATEWAY_API_KEYS"}  # passed by environment, never on a command line
 
 
@@ -140,7 +140,8 @@ class ServingStack:
         gateway = gateway or gateway_settings.from_env()
         self.gateway = GatewayProcess(gateway.replace(
             host=o.host, triton_grpc_url=self.server.grpc_url, triton_http_url=self.server.http_url,
-            model_repository=Path(o.model_repository), admin_token=self.server.admin_token),
+            model_repository=Path(o.model_repository), admin_token=self.server.admin_token,
+            stub_shm_prefix=self.server.shm_prefix),
             Path(self.server.log_path).with_name(f"gateway-{gateway.port}.log"))
 
     # ---- endpoints: HTTP is the gateway's; the rest is Triton's

@@ -182,3 +182,55 @@ def test_signal_wait_needs_no_lock():
         assert signals.wait(1.0) and signals.received == signal.SIGTERM
     finally:
         signals.close()
+
+
+class ReloadingTriton:
+    """What the supervisor needs of gateway.triton.Triton; reload fails `fail` times."""
+
+    def __init__(self, fail: int):
+        self.fail, self.down, self.dependents, self.reloads = fail, {}, {"step": {"pipeline"}}, 0
+
+    def mark_down(self, model, reason):
+        self.down[model] = reason
+        for m in self.dependents.get(model, ()):
+            self.down[m] = reason
+
+    def mark_up(self, model):
+        self.down.pop(model, None)
+        self.down.pop("pipeline", None)
+
+    async def reload(self, model):
+        self.reloads += 1
+        if self.reloads <= self.fail:
+            raise RuntimeError("load failed")
+
+    async def canary(self, model):
+        pass
+
+
+def heal(fail: int, max_restarts: int) -> tuple:
+    from gateway.supervisor import Supervisor
+
+    async def go():
+        t = ReloadingTriton(fail)
+        sup = Supervisor(S.replace(max_restarts=max_restarts, supervise_interval_s=0.01), t)
+        sup._heal_soon("step", "stub process exited")
+        assert t.down == {"step": "model 'step' is restarting (stub process exited)",
+                          "pipeline": "model 'step' is restarting (stub process exited)"}
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not sup.healing:
+                break
+        return t, sup
+    return asyncio.run(go())
+
+
+def test_supervisor_heals_and_then_serves_again():
+    t, sup = heal(fail=1, max_restarts=3)
+    assert t.reloads == 2 and t.down == {} and not sup.gave_up
+
+
+def test_supervisor_gives_up_after_max_restarts_and_stays_down():
+    t, sup = heal(fail=100, max_restarts=3)
+    assert t.reloads == 3 and sup.gave_up == {"step"}
+    assert "failed 3 times" in t.down["step"] and "not restarted again" in t.down["pipeline"]
