@@ -8,7 +8,7 @@ BENCH_ARGS  ?=
 BUNDLE_PYTHON ?= 3.12
 TRT_ARGS    ?=
 
-.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bench-gateway bundle clean
+.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bench-gateway soak bundle clean
 
 serve: export ## set up, export the default models, run tritonserver + the gateway on 127.0.0.1:8000 (Ctrl-C stops both)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
@@ -48,6 +48,9 @@ bench-encoder-cpu: export ## perf_analyzer sweep of the encoders and the text pi
 bench-gateway: export ## the gateway's overhead vs direct gRPC, and AIPerf through /v1/chat/completions (CPU, ~12 min)
 	$(PY) -m bench.gateway_overhead $(BENCH_ARGS)
 	$(PY) -m bench.aiperf_gateway
+
+soak: export ## 2x capacity for 3 minutes on embeddings and the streaming LLM through the gateway (not in CI)
+	$(PY) -m bench.soak $(BENCH_ARGS)
 
 bench: setup ## LLM benchmark through Triton + in-process + baselines + roofline (GPU host; docs/gpu.md)
 	$(PY) -m bench.llm $(BENCH_ARGS)

@@ -12,7 +12,7 @@ gateway (in its event loop) and:
   clear error instead of letting them hang (Triton never answers them);
 - heals it: SIGKILL of its remaining stubs, then unload + load of just that model over Triton's
   model-control API (explicit mode, restricted to the admin token), then a canary before it is ready
-  again;
+  again (the dead stub's /dev/shm region is left to the launcher's stop: see _heal);
 - counts restarts (`gateway_model_restarts_total{model,cause}`), logs each with its cause, and gives up
   after `max_restarts` within `restart_window_s`: the model then stays not ready rather than flapping.
 """
@@ -169,8 +169,9 @@ class Supervisor:
         try:
             self._kill_stubs(model)
             await self.triton.reload(model)
-            if self.s.stub_shm_prefix and self.healing == {model}:  # no other model mid-reload
-                self._remove_orphan_regions()
+            # The dead stub's /dev/shm region stays (Triton 2.51 leaks it) until the server stops and the
+            # launcher removes this server's regions: unlinking it while Triton runs made Triton abort
+            # (boost::interprocess::lock_exception) in our fault suite.
             for m in (model, *self.triton.dependents.get(model, ())):  # the model, then the ensembles using it
                 await asyncio.wait_for(self.triton.canary(m), timeout=self.s.hang_timeout_s * 4)
         except Exception as e:  # noqa: BLE001 - try again (counted: a model that never heals is given up)
@@ -185,15 +186,6 @@ class Supervisor:
         self.triton.mark_up(model)
         READY.labels(model).set(1)
         log.warning("supervisor: %s serves again after %.1f s", model, time.monotonic() - t0)
-
-    def _remove_orphan_regions(self) -> None:
-        """A killed stub's /dev/shm region outlives it (Triton removes its live stubs' regions only).
-        Called once a reload is complete, when every region of this server belongs to a live stub."""
-        live = {region for pids in scan_stubs(self.s.stub_shm_prefix).values() for _, region in pids.values()}
-        for path in Path("/dev/shm").glob(self.s.stub_shm_prefix + "*"):
-            if path.name not in live:
-                path.unlink(missing_ok=True)
-                log.info("supervisor: removed orphaned shm region %s", path.name)
 
     def _kill_stubs(self, model: str) -> None:
         if not self.s.stub_shm_prefix:

@@ -80,9 +80,10 @@ def invariants(stack, golden):
     while (gauge(stack, "llm_requests_running"), gauge(stack, "llm_requests_waiting")) != (0, 0):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    now = stack.shm_regions()
-    assert len(now) == len(regions), (sorted(set(now) - set(regions)), scan_stubs(stack.shm_prefix),
-                                      stack.gateway_log_tail())
+    # Triton 2.51 leaks the regions of the stubs of a restarted model (at most 2 instances here; removed
+    # when the server stops): nothing else may grow.
+    restarted = sum(restarts(stack, m) for m in (LLM, EMB, f"{EMB}_tokenize", f"{EMB}_pool", "minilm"))
+    assert len(regions) <= len(stack.shm_regions()) <= len(regions) + 2 * restarted
 
 
 def stubs_of(stack, model: str) -> list[int]:  # noqa: D103
