@@ -6,6 +6,7 @@ config.pbtxt `parameters` (llm/settings.py). I/O contract: export/specs.py LLM_I
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import queue
@@ -36,6 +37,17 @@ CANCEL_POLL_S = 0.05
 log = logging.getLogger(__name__)
 
 
+CLOSE_TIMEOUT_S = 5.0
+FINALIZE_DUMP_S = 4.0
+
+
+class _Optional:
+    """A posted call that may be dropped at shutdown (a metric update)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
 class Sender:
     """The one thread that talks to the server process: every pb_utils call that is an IPC round
     trip (response sends, metric updates, cancellation polls) runs here, in submission order, so
@@ -44,12 +56,14 @@ class Sender:
 
     def __init__(self):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = False
         self._live: dict[int, tuple] = {}  # key -> (triton request, state list); touched on this thread only
         self._thread = threading.Thread(target=self._loop, name="llm-sender", daemon=True)
         self._thread.start()
 
-    def post(self, fn) -> None:
-        self._q.put(fn)
+    def post(self, fn, essential: bool = True) -> None:
+        """essential=False (metric updates): dropped once close() has begun."""
+        self._q.put(fn if essential else _Optional(fn))
 
     def track(self, key: int, request, state: list) -> None:
         """Poll request.is_cancelled() here every CANCEL_POLL_S until untrack(key); state[0] = the flag."""
@@ -61,8 +75,13 @@ class Sender:
 
     def close(self) -> None:
         """Send what is queued, then stop."""
+        self._closing = True
         self._q.put(None)
-        self._thread.join()
+        # Bounded: an IPC call the server no longer answers while it unloads the model must not keep
+        # finalize() (and so the server's shutdown) waiting; the thread is a daemon.
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.error("sender: still in an IPC call %.0f s after close; leaving it", CLOSE_TIMEOUT_S)
 
     def _loop(self) -> None:
         next_poll = time.monotonic() + CANCEL_POLL_S
@@ -73,12 +92,14 @@ class Sender:
                 fn = False
             if fn is None:
                 return
+            if isinstance(fn, _Optional):
+                fn = False if self._closing else fn.fn
             if fn:
                 try:
                     fn()
                 except Exception:  # noqa: BLE001 - one failed call must not stop the others
                     log.error("sender: %s", traceback.format_exc())
-            if time.monotonic() >= next_poll:
+            if time.monotonic() >= next_poll and not self._closing:
                 for request, state in list(self._live.values()):
                     try:
                         state[0] = state[0] or request.is_cancelled()
@@ -92,7 +113,7 @@ class TritonMetrics(Metrics):
     metric call is an IPC, so they are posted to the Sender thread."""
 
     def __init__(self, labels: dict[str, str], sender: Sender):
-        self.post = sender.post
+        self.post = lambda fn: sender.post(fn, essential=False)
         F = pb_utils.MetricFamily
         self.families = [
             F("llm_time_to_first_token_seconds", "Time from request arrival to its first generated token", F.HISTOGRAM),
@@ -259,13 +280,16 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(output_tensors=outs)
             if o.finished:
                 untrack(key)  # before the send: no cancellation poll of a completed request
-            if state[1] or (state[0] and not o.finished):
+            if not o.finished and (state[0] or state[1]):
                 return  # the client is gone, or cancelled: only the final response is still sent
             try:
+                # The final response is sent even after a failed send: until it is, Triton holds the
+                # request, and a model holding one never unloads (a stop then runs into exit-timeout).
                 sender.send(response, flags=FINAL if o.finished else 0)
             except Exception:  # the client went away: the engine cancels the request at its next check
                 state[0] = state[1] = True
-                raise
+                if not o.finished:
+                    raise
 
         def emit(o: Output) -> None:  # on the engine thread: queue it, never wait
             post(lambda: send(o))
@@ -273,6 +297,9 @@ class TritonPythonModel:
         return emit
 
     def finalize(self):
+        # A finalize slower than this writes every thread's stack to the server log (shutdown hangs).
+        faulthandler.dump_traceback_later(FINALIZE_DUMP_S, exit=False)
         self.engine.stop()  # joins the engine thread (final responses of what was in flight are queued)
         self.sender.close()  # sends them; nothing uses the metrics after this
         self.metrics.close()
+        faulthandler.cancel_dump_traceback_later()
