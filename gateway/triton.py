@@ -250,9 +250,16 @@ class Triton:
     def _track(self, model: str, key: int, call) -> None:
         self._inflight.setdefault(model, {})[key] = call
 
-    def _untrack(self, model: str, key: int) -> str | None:
+    def _untrack(self, model: str, key: int) -> None:
         self._inflight.get(model, {}).pop(key, None)
-        return self._failed.pop(key, None)
+        self._failed.pop(key, None)
+
+    def _raise_if_failed(self, key: int) -> None:
+        """A request cancelled by mark_down() ends in a retryable 503 that says why."""
+        reason = self._failed.get(key)
+        if reason is not None:
+            raise APIError(503, f"{reason}; this request was failed", code="model_restarting",
+                           headers={"Retry-After": str(self.s.retry_after_s)}) from None
 
     def llm(self, name: str) -> LLMModel:
         self._require_ready(name)
@@ -309,11 +316,8 @@ class Triton:
                                     "it was cancelled") from None
             raise APIError(GRPC_STATUS.get(e.code().name, 500), f"inference server: {e.details()}") from None
         except asyncio.CancelledError:
-            reason = self._failed.get(key)
-            if reason is None:
-                raise  # our caller was cancelled (the client went away)
-            raise APIError(503, f"{reason}; this request was failed", code="model_restarting",
-                           headers={"Retry-After": str(self.s.retry_after_s)}) from None
+            self._raise_if_failed(key)
+            raise  # our caller was cancelled (the client went away)
         finally:
             self._untrack(model.name, key)
             responses.cancel()  # no-op once complete; otherwise Triton cancels the request
@@ -339,11 +343,8 @@ class Triton:
         except InferenceServerException as e:
             raise grpc_error(e) from None
         except asyncio.CancelledError:
-            reason = self._failed.get(key)
-            if reason is None:
-                raise
-            raise APIError(503, f"{reason}; this request was failed", code="model_restarting",
-                           headers={"Retry-After": str(self.s.retry_after_s)}) from None
+            self._raise_if_failed(key)
+            raise  # our caller was cancelled (the client went away)
         finally:
             self._untrack(model.name, key)
         return result.as_numpy(spec.embedding.name)

@@ -113,7 +113,23 @@ def server_args(o: ServerOptions, backends: Path, token: str, shm_prefix: str) -
     ]
 
 
-class TritonServer:
+class Started:
+    """`with X(...) as x:` for things with start(), wait_ready() and stop(): started and ready inside,
+    stopped after (also when starting fails)."""
+
+    def __enter__(self):
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class TritonServer(Started):
     """One tritonserver process. `with TritonServer(opts) as s:` starts it and waits until ready."""
 
     def __init__(self, options: ServerOptions | None = None):
@@ -247,16 +263,6 @@ class TritonServer:
             region.unlink(missing_ok=True)
         return p.returncode
 
-    def __enter__(self) -> "TritonServer":
-        self.start()
-        try:
-            return self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:

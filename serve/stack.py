@@ -27,7 +27,7 @@ from gateway.__main__ import GRACEFUL_SHUTDOWN_S
 from gateway.settings import GatewaySettings
 from serve import paths
 from serve.environment import SetupError
-from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, TritonServer, port_is_free
+from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, port_is_free
 
 # Gateway settings the stack wires from the server's options (never taken from flags here).
 WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")
@@ -131,7 +131,7 @@ class GatewayProcess:
         return p.returncode
 
 
-class ServingStack:
+class ServingStack(Started):
     """tritonserver + the gateway. `with ServingStack(opts) as stack:` starts both and waits for both."""
 
     def __init__(self, options: ServerOptions | None = None, gateway: GatewaySettings | None = None):
@@ -191,17 +191,6 @@ class ServingStack:
         """The gateway first (in-flight requests finish while Triton still serves), then Triton."""
         self.gateway.stop()
         return self.server.stop()
-
-    def __enter__(self) -> "ServingStack":
-        self.start()
-        try:
-            return self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _follow(paths_: list[Path], stop: threading.Event) -> None:
