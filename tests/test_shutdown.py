@@ -58,7 +58,9 @@ def stop_and_check(proc, prefix: str, when: str) -> None:
         raise AssertionError(f"SIGTERM {when}: the launcher hung") from None
     took = time.monotonic() - t0
     assert took <= EXIT_TIMEOUT_S + 5 + 10, f"SIGTERM {when}: stop took {took:.1f} s\n{out[-2000:]}"
-    assert proc.returncode in (0, 1), out[-2000:]
+    # 0: clean stop; 1: Triton ran into its exit-timeout (the launcher then cleans up); -SIGTERM: the
+    # signal came before the launcher installed its handling, i.e. before it started anything.
+    assert proc.returncode in (0, 1, -signal.SIGTERM), out[-2000:]
     assert leftovers(proc, prefix) == [], f"SIGTERM {when}: left behind\n{out[-2000:]}"
 
 
