@@ -48,6 +48,10 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+def retryable(status: int, message: str, retry_after_s: int, code: str | None = None) -> APIError:
+    """A refusal the client should retry after Retry-After seconds (overload, not ready, restarting)."""
+    return APIError(status, message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
 def overloaded(message: str, retry_after_s: int, status: int = 429) -> APIError:
-    """Retryable refusal: the client should come back after Retry-After seconds."""
-    return APIError(status, message, code="overloaded", headers={"Retry-After": str(retry_after_s)})
+    return retryable(status, message, retry_after_s, code="overloaded")

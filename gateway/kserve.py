@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.body import parse_json, read_body
-from gateway.errors import APIError, bad_request
+from gateway.errors import APIError, bad_request, retryable
 from gateway.settings import GatewaySettings
 from gateway.streaming import SSEResponse
 from gateway.triton import Triton
@@ -162,13 +162,12 @@ class KServeProxy:
         """What Triton 2.51 gets wrong while a stub is dead (it says ready and hangs requests): answered
         here from the supervisor's view. A restarting model is 503 on readiness, inference and generate."""
         down = self.triton.down
-        retry = {"Retry-After": str(self.s.retry_after_s)}
         if request.url.path.rstrip("/") == "/v2/health/ready" and down:
-            raise APIError(503, "not ready: " + "; ".join(sorted(set(down.values()))), headers=retry)
+            raise retryable(503, "not ready: " + "; ".join(sorted(set(down.values()))), self.s.retry_after_s)
         groups = m.groupdict()
         serving = request.url.path.rstrip("/").endswith("/ready") or groups.get("infer") or groups.get("generate")
         if model in down and serving:
-            raise APIError(503, down[model], headers=retry)
+            raise retryable(503, down[model], self.s.retry_after_s)
 
     def _check_body(self, request: Request, body: bytes, m: re.Match) -> str:
         """Parse the JSON part of the body (400 if malformed); the content type to forward."""

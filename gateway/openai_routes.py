@@ -124,12 +124,12 @@ class OpenAIRoutes:
         return {"id": name, "object": "model", "created": 0, "owned_by": "triton"}
 
     async def models(self, request: Request) -> Response:
-        self.triton._require_ready()
+        self.triton.require_ready()
         names = sorted({*self.triton.llms, *self.triton.embedders})
         return json_response({"object": "list", "data": [self._model_card(n) for n in names]})
 
     async def model(self, request: Request) -> Response:
-        self.triton._require_ready()
+        self.triton.require_ready()
         name = request.path_params["model"]
         if name not in self.triton.llms and name not in self.triton.embedders:
             raise APIError(404, f"model {name!r} does not exist", param="model", code="model_not_found")

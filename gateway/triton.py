@@ -25,7 +25,7 @@ from clients.common import make_inputs, make_outputs
 from clients.llm_stream import request_arrays
 from export.pipeline import tokenizer_dir
 from export.specs import LLM_IO, PIPELINES, TextPipelineSpec
-from gateway.errors import APIError, overloaded
+from gateway.errors import APIError, overloaded, retryable
 from gateway.settings import GatewaySettings
 from llm.settings import EngineSettings
 from serve.launcher import ADMIN_GRPC_HEADER, default_admin_token
@@ -203,11 +203,11 @@ class Triton:
 
     # ---- lookups -------------------------------------------------------------------------------
 
-    def _require_ready(self, model: str | None = None) -> None:
+    def require_ready(self, model: str | None = None) -> None:
         if not self.ready or not self.discovered:
-            raise APIError(503, "the inference server is not ready", headers={"Retry-After": str(self.s.retry_after_s)})
+            raise retryable(503, "the inference server is not ready", self.s.retry_after_s)
         if model in self.down:
-            raise APIError(503, self.down[model], code="model_restarting", headers={"Retry-After": str(self.s.retry_after_s)})
+            raise retryable(503, self.down[model], self.s.retry_after_s, code="model_restarting")
 
     # ---- health, as the supervisor sees it -----------------------------------------------------
 
@@ -258,22 +258,22 @@ class Triton:
         """A request cancelled by mark_down() ends in a retryable 503 that says why."""
         reason = self._failed.get(key)
         if reason is not None:
-            raise APIError(503, f"{reason}; this request was failed", code="model_restarting",
-                           headers={"Retry-After": str(self.s.retry_after_s)}) from None
+            raise retryable(503, f"{reason}; this request was failed", self.s.retry_after_s,
+                            code="model_restarting") from None
 
     def llm(self, name: str) -> LLMModel:
-        self._require_ready(name)
-        if name not in self.llms:
-            raise APIError(404, f"model {name!r} does not exist or is not a text generation model; "
-                                f"available: {sorted(self.llms)}", param="model", code="model_not_found")
-        return self.llms[name]
+        return self._lookup(self.llms, name, "a text generation model")
 
     def embedder(self, name: str) -> EmbeddingModel:
-        self._require_ready(name)
-        if name not in self.embedders:
-            raise APIError(404, f"model {name!r} does not exist or is not an embedding model; "
-                                f"available: {sorted(self.embedders)}", param="model", code="model_not_found")
-        return self.embedders[name]
+        return self._lookup(self.embedders, name, "an embedding model")
+
+    def _lookup(self, models: dict, name: str, kind: str):
+        """models[name] once the server and that model serve; else 503, or 404 naming what exists."""
+        self.require_ready(name)
+        if name not in models:
+            raise APIError(404, f"model {name!r} does not exist or is not {kind}; available: {sorted(models)}",
+                           param="model", code="model_not_found")
+        return models[name]
 
     # ---- calls ---------------------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class Triton:
             yield request
 
         if check_down:
-            self._require_ready(model.name)
+            self.require_ready(model.name)
         responses = self.client.stream_infer(one(), stream_timeout=timeout_s)
         key = id(responses)
         self._track(model.name, key, responses)
@@ -331,7 +331,7 @@ class Triton:
     async def _embed_one(self, model: EmbeddingModel, texts: list[str], check_down: bool = True) -> np.ndarray:
         spec = model.spec
         if check_down:
-            self._require_ready(model.name)
+            self.require_ready(model.name)
         arrays = {spec.text.name: np.array([t.encode("utf-8") for t in texts], dtype=np.object_)}
         task = asyncio.ensure_future(self.client.infer(model.name, make_inputs("grpc", arrays),
                                                        outputs=make_outputs("grpc", [spec.embedding.name])))

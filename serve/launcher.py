@@ -113,6 +113,14 @@ def server_args(o: ServerOptions, backends: Path, token: str, shm_prefix: str) -
     ]
 
 
+def log_tail(path: Path, lines: int) -> str:
+    """The last lines of a process's log (what a failed start or a crash shows)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
 class Started:
     """`with X(...) as x:` for things with start(), wait_ready() and stop(): started and ready inside,
     stopped after (also when starting fails)."""
@@ -215,10 +223,7 @@ class TritonServer(Started):
         raise SetupError(f"tritonserver not ready after {timeout_s or self.options.ready_timeout_s:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stub_pids(self) -> list[int]:
         """Stub processes of this server (their command line holds this server's shm prefix)."""

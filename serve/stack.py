@@ -27,7 +27,7 @@ from gateway.__main__ import GRACEFUL_SHUTDOWN_S
 from gateway.settings import GatewaySettings
 from serve import paths
 from serve.environment import SetupError
-from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, port_is_free
+from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, log_tail, port_is_free
 
 # Gateway settings the stack wires from the server's options (never taken from flags here).
 WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")
@@ -108,6 +108,18 @@ class GatewayProcess:
                                             start_new_session=True)
         return self
 
+    def log_tail(self, lines: int = 30) -> str:
+        return log_tail(self.log_path, lines)
+
+    def wait_ready(self, timeout_s: float = 60.0, sleep=time.sleep) -> "GatewayProcess":
+        """Until /health answers 200; SetupError with the log tail if it exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SetupError(f"the gateway did not start (log {self.log_path}):\n{self.log_tail()}")
+            sleep(0.1)
+        return self
+
     def is_ready(self) -> bool:
         ctx = ssl._create_unverified_context() if self.settings.tls else None  # our own cert, on loopback
         try:
@@ -173,19 +185,8 @@ class ServingStack(Started):
     def wait_ready(self, sleep=time.sleep) -> "ServingStack":
         """Triton ready, then the gateway started and ready. `sleep(t)` may raise to abort (signals)."""
         self.server.wait_ready(sleep=sleep)
-        self.gateway.start()
-        deadline = time.monotonic() + 60
-        while not self.gateway.is_ready():
-            if self.gateway.process.poll() is not None or time.monotonic() > deadline:
-                raise SetupError(f"the gateway did not start (log {self.gateway.log_path}):\n{self.gateway_log_tail()}")
-            sleep(0.1)
+        self.gateway.start().wait_ready(sleep=sleep)
         return self
-
-    def gateway_log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.gateway.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
 
     def stop(self) -> int | None:
         """The gateway first (in-flight requests finish while Triton still serves), then Triton."""
@@ -270,7 +271,7 @@ def serve_forever(options: ServerOptions, gateway: GatewaySettings, quiet: bool 
         print(f"gateway exited ({gateway_code}); tritonserver exited ({code}); leftover stubs/shm regions: "
               f"{left or 'none'}", flush=True)
         if died:
-            print(stack.server.log_tail() if died == "tritonserver" else stack.gateway_log_tail(), file=sys.stderr)
+            print(stack.server.log_tail() if died == "tritonserver" else stack.gateway.log_tail(), file=sys.stderr)
             return 1
         return 0
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -49,11 +48,7 @@ def start_gateway(stack: ServingStack, tmp: Path, **settings):
     s = stack.gateway.settings.replace(port=free_port(), **settings)
     g = GatewayProcess(s, Path(tmp) / "gateway.log").start()
     try:
-        deadline = time.monotonic() + 60
-        while not g.is_ready():
-            assert g.process.poll() is None and time.monotonic() < deadline, g.log_path.read_text()
-            time.sleep(0.1)
-        yield g
+        yield g.wait_ready()
     finally:
         g.stop()
 

@@ -86,7 +86,7 @@ def invariants(stack, golden):
     assert len(regions) <= len(stack.shm_regions()) <= len(regions) + 2 * restarted
 
 
-def stubs_of(stack, model: str) -> list[int]:  # noqa: D103
+def stubs_of(stack, model: str) -> list[int]:
     return sorted(scan_stubs(stack.shm_prefix).get(model, {}))
 
 

@@ -130,7 +130,7 @@ class FakeTriton:
         self.chunks, self.step_s, self.ready, self.discovered = chunks, step_s, True, True
         self.llms, self.embedders, self.closed = {"fake": LLMModel("fake", frozenset(), EngineSettings())}, {}, 0
 
-    def _require_ready(self):
+    def require_ready(self):
         pass
 
     def llm(self, name):
