@@ -2,6 +2,7 @@
 
     python -m export.encoder                                 # default CPU variants (what `make export` runs)
     python -m export.encoder --precision fp16 --gpu          # opt-in fp16 for a GPU host
+    python -m export.encoder --gpus 0,1                      # one instance on each of GPUs 0 and 1
     python -m export.encoder --source ./my_hf_dir --force    # other weights; rebuild even if up to date
 
 Each variant: <repo>/<name>/1/model.onnx + config.pbtxt (+ warmup/), validated against PyTorch on
@@ -25,6 +26,7 @@ from rich.console import Console
 from export import calibration, golden, quantize
 from export.encoder_config import encoder_config, up_to_date, write_model_dir
 from export.onnx_export import export_fp32, load_encoder, resolve_source, vocab_limit
+from export.placement import add_gpus_argument
 from export.specs import MINILM, VARIANT_SUFFIX, EncoderSpec
 from export.validate import Metrics, random_feed, session, torch_outputs, validate_onnx
 from serve.paths import BUILD_DIR, MODEL_REPOSITORY, REPO_ROOT
@@ -43,7 +45,7 @@ ACCURACY_REPORT = REPO_ROOT / "results" / "int8_accuracy.md"
 STAMP_DIR = BUILD_DIR / "export"
 # Code whose change invalidates an export (the up-to-date check hashes it with the source weights).
 _CODE = ("specs.py", "onnx_export.py", "quantize.py", "validate.py", "golden.py", "encoder_config.py",
-         "calibration.py", "encoder.py")
+         "calibration.py", "encoder.py", "placement.py")
 
 console = Console(stderr=True, highlight=False, markup=False)
 
@@ -60,8 +62,8 @@ class VariantResult:
 
 
 def _fingerprint(source: str, spec: EncoderSpec, precision: str, gpu: bool, instances: int | None,
-                 out_repo: Path) -> str:
-    h = hashlib.sha256(repr((spec, precision, gpu, instances, str(out_repo.resolve()))).encode())
+                 out_repo: Path, gpus: tuple[int, ...] | None = None) -> str:
+    h = hashlib.sha256(repr((spec, precision, gpu, instances, gpus and tuple(gpus), str(out_repo.resolve()))).encode())
     src = Path(source)
     files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else []
     for p in files:  # weights: size + mtime (hashing 90 MB on every `make export` is not worth it)
@@ -138,8 +140,11 @@ def _write_golden(name: str, precision: str, onnx_path: Path, model, spec: Encod
 
 def export_encoder(spec: EncoderSpec = MINILM, precisions=DEFAULT_PRECISIONS, source: str | Path | None = None,
                    out_repo: Path = MODEL_REPOSITORY, gpu: bool = False, instances: int | None = None,
-                   golden_dir: Path = golden.GOLDEN_DIR, force: bool = False) -> list[VariantResult]:
-    """Export, validate, configure and write goldens for each precision. Returns one result per variant."""
+                   golden_dir: Path = golden.GOLDEN_DIR, force: bool = False,
+                   gpus: tuple[int, ...] | None = None) -> list[VariantResult]:
+    """Export, validate, configure and write goldens for each precision. Returns one result per variant.
+
+    gpus: KIND_GPU instances on these device ids (`instances` per GPU; export/placement.py)."""
     precisions = list(dict.fromkeys(precisions))
     assert precisions and all(p in PRECISIONS for p in precisions), f"precisions {precisions}; known {PRECISIONS}"
     source = resolve_source(spec, source)
@@ -147,8 +152,8 @@ def export_encoder(spec: EncoderSpec = MINILM, precisions=DEFAULT_PRECISIONS, so
     plan = []
     for p in precisions:
         name = spec.variant_name(p)
-        config = encoder_config(spec, name, gpu=gpu, instances=instances, filename=ONNX_FILE)
-        fp = _fingerprint(source, spec, p, gpu, instances, out_repo)
+        config = encoder_config(spec, name, gpu=gpu, instances=instances, filename=ONNX_FILE, gpus=gpus)
+        fp = _fingerprint(source, spec, p, gpu, instances, out_repo, gpus)
         fresh = not force and _is_fresh(spec, name, fp, out_repo / name, golden.path_for(name, golden_dir), config)
         plan.append((p, name, config, fp, fresh))
     results = [VariantResult(n, p, out_repo / n, golden.path_for(n, golden_dir), skipped=True)
@@ -250,10 +255,11 @@ def accuracy_report(spec: EncoderSpec = MINILM, precisions=("int8_dynamic", "int
     return stats
 
 
-def export_default(force: bool = False) -> list[VariantResult]:
-    """What `make export` runs: the CPU repository's variants (fp32, int8 dynamic, int8 static)."""
+def export_default(force: bool = False, gpus: tuple[int, ...] | None = None) -> list[VariantResult]:
+    """What `make export` runs: the CPU repository's variants (fp32, fp16, int8 dynamic, int8 static);
+    with `gpus` (`python -m export --gpus 0,1`), one KIND_GPU instance of each on each of those GPUs."""
     t = time.perf_counter()
-    results = export_encoder(MINILM, DEFAULT_PRECISIONS, force=force)
+    results = export_encoder(MINILM, DEFAULT_PRECISIONS, force=force, gpus=gpus)
     int8 = [r.precision for r in results if r.precision.startswith("int8")]
     if int8 and (any(not r.skipped for r in results) or not ACCURACY_REPORT.is_file()):
         accuracy_report(MINILM, int8)
@@ -267,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", help="local Hugging Face dir or hub id (default: the pip package's model/)")
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(DEFAULT_PRECISIONS))
     ap.add_argument("--gpu", action="store_true", help="KIND_GPU instance groups (default KIND_CPU)")
-    ap.add_argument("--instances", type=int, help=f"instances per model (default {MINILM.cpu_instances})")
+    ap.add_argument("--instances", type=int, help=f"instances per model (default {MINILM.cpu_instances}; with --gpus: per GPU, default 1)")
+    add_gpus_argument(ap, per_gpu_default=1)
     ap.add_argument("--repository", type=Path, default=MODEL_REPOSITORY)
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
     ap.add_argument("--report", action="store_true", help="write the int8 accuracy report after exporting")
     args = ap.parse_args(argv)
     results = export_encoder(MINILM, args.precision, args.source, args.repository, args.gpu, args.instances,
-                             force=args.force)
+                             force=args.force, gpus=args.gpus)
     int8 = [p for p in args.precision if p.startswith("int8")]
     if args.report and int8:
         accuracy_report(MINILM, int8, args.source, args.repository)

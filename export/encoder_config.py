@@ -14,6 +14,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import pbtxt
+from export.placement import instance_groups
 from export.specs import EncoderSpec
 
 WARMUP_DIR = "warmup"
@@ -51,10 +52,14 @@ def warmup(spec: EncoderSpec) -> list[mc.ModelWarmup]:
 
 
 def encoder_config(spec: EncoderSpec, name: str, *, backend: str = "onnxruntime", platform: str = "",
-                   filename: str = "model.onnx", gpu: bool = False, instances: int | None = None) -> mc.ModelConfig:
-    """The full ModelConfig of one encoder variant. TensorRT: backend="tensorrt", filename="model.plan"."""
+                   filename: str = "model.onnx", gpu: bool = False, instances: int | None = None,
+                   gpus: tuple[int, ...] | None = None) -> mc.ModelConfig:
+    """The full ModelConfig of one encoder variant. TensorRT: backend="tensorrt", filename="model.plan".
+
+    gpus: KIND_GPU instances on these device ids, `instances` per GPU (default 1); otherwise one group
+    of `instances` (default spec.cpu_instances), KIND_GPU on every visible GPU when `gpu`."""
     assert name, "model name required"
-    count = instances if instances is not None else spec.cpu_instances
+    count = instances if instances is not None else (1 if gpus else spec.cpu_instances)
     assert count >= 1, f"instances must be >= 1, got {count}"
     config = mc.ModelConfig(
         name=name,
@@ -66,7 +71,7 @@ def encoder_config(spec: EncoderSpec, name: str, *, backend: str = "onnxruntime"
         input=[pbtxt.model_input(t) for t in spec.inputs],
         output=[pbtxt.model_output(t) for t in spec.outputs],
         dynamic_batching=pbtxt.dynamic_batching(spec.batching),
-        instance_group=[pbtxt.instance_group(count, gpu)],
+        instance_group=instance_groups(gpus, count, gpu),
         model_warmup=warmup(spec),
     )
     return config

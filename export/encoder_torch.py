@@ -8,6 +8,7 @@ not depend on weight values.
 
     python -m export.encoder_torch --repository model_repository            # real weights if installed
     python -m export.encoder_torch --random-weights --repository /tmp/repo  # benchmark on a bare GPU host
+    python -m export.encoder_torch --gpus 0,1                               # 2 instances on each of GPUs 0 and 1
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import pbtxt
+from export.placement import add_gpus_argument, instance_groups
 from export.specs import MINILM, Batching, Tensor
 from serve.paths import MODEL_REPOSITORY
 
@@ -48,11 +50,12 @@ GPU_INSTANCES = 2  # two instances on one GPU: one prepares/copies a batch while
 
 
 def model_config(name: str, random_weights: bool, gpu: bool = True, instances: int = GPU_INSTANCES,
-                 compile: bool = False) -> mc.ModelConfig:
+                 compile: bool = False, gpus: tuple[int, ...] | None = None) -> mc.ModelConfig:
+    """gpus: `instances` on each of these GPUs (export/placement.py); else one group of `instances`."""
     cfg = mc.ModelConfig(name=name, backend="torch_encoder", max_batch_size=MAX_BATCH,
                          input=[pbtxt.model_input(t) for t in MINILM.inputs], output=[pbtxt.model_output(OUTPUT)],
                          dynamic_batching=pbtxt.dynamic_batching(BATCHING),
-                         instance_group=[pbtxt.instance_group(instances, gpu)])
+                         instance_group=instance_groups(gpus, instances, gpu))
     params = {"checkpoint": "checkpoint", "random_weights": str(random_weights).lower(),
               "seq_buckets": ",".join(map(str, SEQ_BUCKETS)), "cuda_graphs": "true", "compile": str(compile).lower()}
     for k, v in params.items():
@@ -61,7 +64,8 @@ def model_config(name: str, random_weights: bool, gpu: bool = True, instances: i
 
 
 def export(name: str = DEFAULT_NAME, repository: Path = MODEL_REPOSITORY, random_weights: bool = False,
-           gpu: bool = True, instances: int | None = None, compile: bool = False) -> Path:
+           gpu: bool = True, instances: int | None = None, compile: bool = False,
+           gpus: tuple[int, ...] | None = None) -> Path:
     model_dir = Path(repository) / name
     ckpt = model_dir / "1" / "checkpoint"
     if ckpt.exists():
@@ -74,8 +78,10 @@ def export(name: str = DEFAULT_NAME, repository: Path = MODEL_REPOSITORY, random
     else:
         for f in ("config.json", "model.safetensors"):
             shutil.copy2(src / f, ckpt / f)
+    if gpus and not gpu:
+        raise ValueError("--gpus places KIND_GPU instances; it cannot be combined with --cpu")
     instances = instances or (GPU_INSTANCES if gpu else 1)
-    pbtxt.write(model_config(name, random_weights, gpu, instances, compile), model_dir)
+    pbtxt.write(model_config(name, random_weights, gpu, instances, compile, gpus), model_dir)
     print(f"exported {model_dir} ({'random weights' if random_weights else src})")
     return model_dir
 
@@ -87,9 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="KIND_CPU instance (tests)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the full-batch buckets (slow start, +13%%)")
-    ap.add_argument("--instances", type=int, default=None, help=f"default {GPU_INSTANCES} on GPU, 1 on CPU")
+    ap.add_argument("--instances", type=int, default=None, help=f"default {GPU_INSTANCES} on GPU (per GPU with --gpus), 1 on CPU")
+    add_gpus_argument(ap, per_gpu_default=GPU_INSTANCES)
     a = ap.parse_args(argv)
-    export(a.name, a.repository, a.random_weights, not a.cpu, a.instances, a.compile)
+    if a.gpus and a.cpu:
+        ap.error("--gpus and --cpu exclude each other")
+    export(a.name, a.repository, a.random_weights, not a.cpu, a.instances, a.compile, a.gpus)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from export import pbtxt
+from export import pbtxt, placement
 from serve import environment, paths
 from serve.launcher import ServerOptions, port_is_free
 from serve.repository import check_repository, model_dirs
@@ -118,16 +118,59 @@ def check_ports(opts: ServerOptions, gateway_port: int | None = None) -> Check:
     return Check("ports free", True, f"{opts.host}: {list(ports)}")
 
 
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    compute_cap: str
+    total_mib: int
+    used_mib: int
+
+    @property
+    def free_mib(self) -> int:
+        return self.total_mib - self.used_mib
+
+
+SMI_QUERY = "index,name,compute_cap,memory.total,memory.used"
+
+
+def gpu_info() -> list[Gpu]:
+    """The GPUs this host's server would see, with their memory: from nvidia-smi, else from torch when a
+    driver device exists; [] without a GPU or driver."""
+    if shutil.which("nvidia-smi") is not None:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+        if out.returncode == 0:
+            return parse_smi(out.stdout)
+    if Path("/dev/nvidia0").exists():  # a driver without nvidia-smi (some containers): ask torch
+        try:
+            import torch
+
+            return [Gpu(i, torch.cuda.get_device_name(i), "%d.%d" % torch.cuda.get_device_capability(i),
+                        (total := torch.cuda.mem_get_info(i)[1]) // 2**20,
+                        (total - torch.cuda.mem_get_info(i)[0]) // 2**20)
+                    for i in range(torch.cuda.device_count())]
+        except Exception:  # noqa: BLE001 - no usable CUDA: the same as no GPU here
+            return []
+    return []
+
+
+def parse_smi(text: str) -> list[Gpu]:
+    """nvidia-smi --query-gpu=index,name,compute_cap,memory.total,memory.used --format=csv,noheader,nounits"""
+    found = []
+    for line in text.strip().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 5:
+            continue
+        index, name, cc, total, used = parts
+        to_int = lambda v: int(float(v)) if v.replace(".", "", 1).isdigit() else 0  # noqa: E731 - "[N/A]" -> 0
+        found.append(Gpu(int(index), name, cc, to_int(total), to_int(used)))
+    return found
+
+
 def gpus() -> list[tuple[str, str]]:
-    """[(name, compute capability)] from nvidia-smi; [] without a GPU or driver."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        return []
-    return [tuple(x.strip() for x in line.split(",", 1)) for line in out.stdout.strip().splitlines() if "," in line]
+    """[(name, compute capability)]; [] without a GPU or driver."""
+    return [(g.name, g.compute_cap) for g in gpu_info()]
 
 
 def gpu_models(repo: Path) -> list[str]:
@@ -142,13 +185,98 @@ def gpu_models(repo: Path) -> list[str]:
     return names
 
 
-def check_gpu(repo: Path) -> Check:
-    found = gpus()
+def check_gpu(repo: Path, found: list[Gpu] | None = None) -> Check:
+    found = gpu_info() if found is None else found
     need = gpu_models(repo)
-    detail = ", ".join(f"{n} (sm {cc})" for n, cc in found) or "none"
+    detail = "; ".join(f"GPU {g.index} {g.name} (sm {g.compute_cap}): {g.total_mib} MiB, {g.used_mib} MiB in use, "
+                       f"{g.free_mib} MiB free" for g in found) or "no GPU (nvidia-smi / CUDA driver not found)"
     if need and not found:
-        return Check("GPU", False, f"no GPU, but {need} ask for KIND_GPU", "re-export with CPU instances (drop --gpu) or run on a GPU host")
+        return Check("GPU", False, f"no GPU, but {need} ask for KIND_GPU", "re-export with CPU instances (drop --gpu/--gpus) or run on a GPU host")
     return Check("GPU", True, detail, info_only=not need)
+
+
+# ---- what each instance will hold
+
+
+WEIGHT_SUFFIXES = (".onnx", ".data", ".plan", ".safetensors", ".bin", ".pt")
+
+
+def weight_bytes(model_dir: Path, config) -> int:
+    """Bytes of weights one instance loads: the weight files of the newest version (one engine of a
+    TensorRT model with several, one per compute capability). An estimate: dtype casts at load (e.g. the
+    torch encoder's fp32 checkpoint run in fp16) change it."""
+    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        return 0
+    version = versions[-1]
+    if config.cc_model_filenames:
+        return max(((version / f).stat().st_size for f in config.cc_model_filenames.values() if (version / f).is_file()),
+                   default=0)
+    return sum(f.stat().st_size for f in version.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+
+
+def _param(config, key: str) -> float:
+    p = config.parameters.get(key)
+    try:
+        return float(p.string_value) if p is not None and p.string_value else 0.0
+    except ValueError:
+        return 0.0
+
+
+def kv_cache_hold(config, gpu: Gpu | None) -> tuple[str, float]:
+    """An LLM instance's KV cache, from its engine settings (export/llm.py writes them as parameters):
+    (what, MiB it reserves; 0 when unknown)."""
+    budget = _param(config, "kv_cache_budget_mb")
+    if budget > 0:
+        return f"KV cache {budget:.0f} MiB", budget
+    fraction = _param(config, "kv_cache_memory_fraction")
+    if fraction > 0 and gpu is not None:
+        return f"KV cache up to {fraction:.0%} of GPU {gpu.index} less weights", fraction * gpu.total_mib
+    return "", 0.0
+
+
+def check_placement(repo: Path, found: list[Gpu]) -> Check:
+    """Every instance Triton will create (export/placement.py), on which device, holding what; fails when
+    a group names a GPU this host does not have, or when a GPU's instances need more than it has."""
+    lines: dict[str, dict[tuple[str, str], int]] = {}  # device -> (model, what one holds) -> instances
+    need_mib: dict[int, float] = {}
+    problems = []
+    by_index = {g.index: g for g in found}
+    for d in model_dirs(repo):
+        try:
+            config = pbtxt.read(d)
+        except Exception:
+            continue  # check_models reports it
+        if config.platform == "ensemble" or config.backend == "ensemble":
+            continue  # no instances of its own
+        try:
+            placed = placement.instances(config, len(found))
+        except ValueError as e:
+            if found:  # without any GPU, check_gpu already says so
+                problems.append(str(e))
+            continue
+        weights_mib = weight_bytes(d, config) / 2**20
+        for inst in placed:
+            gpu = by_index.get(inst.device_id) if inst.kind == "GPU" else None
+            kv, kv_mib = kv_cache_hold(config, gpu)
+            hold = " + ".join(x for x in (f"weights {weights_mib:.0f} MiB" if weights_mib >= 0.5 else "", kv) if x)
+            where = f"GPU {inst.device_id}" if inst.kind == "GPU" else "CPU"
+            key = (inst.model, hold)
+            lines.setdefault(where, {})[key] = lines.get(where, {}).get(key, 0) + 1
+            if gpu is not None:
+                need_mib[gpu.index] = need_mib.get(gpu.index, 0.0) + max(weights_mib, kv_mib)
+    for index, mib in sorted(need_mib.items()):
+        g = by_index[index]
+        if mib > g.total_mib:
+            problems.append(f"GPU {index}: its instances need about {mib:.0f} MiB, it has {g.total_mib} MiB")
+    report = "\n".join(
+        f"{where}: " + ", ".join(f"{model} x{n}" + (f" ({hold} each)" if hold else "") for (model, hold), n in items.items())
+        for where, items in sorted(lines.items())) or "no instances"
+    if problems:
+        return Check("instance placement", False, "\n".join(problems) + "\n" + report,
+                     "re-export with --gpus naming GPUs this host has (python -m export --gpus N), fewer instances "
+                     "per GPU, or a smaller kv_cache_budget_mb")
+    return Check("instance placement", True, report, info_only=not need_mib)
 
 
 def tensorrt_version() -> str | None:
@@ -198,6 +326,7 @@ def check_perf_analyzer() -> Check:
 def run_checks(opts: ServerOptions, gateway_port: int | None = None) -> list[Check]:
     env = environment.server_env(opts.model_env)
     repo = Path(opts.model_repository)
+    found = gpu_info()  # once: the GPU and placement checks read it
     try:
         model = environment.probe_model_python(env)  # once: both checks below read it
         python_checks = [check_numpy(model), check_stub(env, model)]
@@ -208,7 +337,8 @@ def run_checks(opts: ServerOptions, gateway_port: int | None = None) -> list[Che
         check_server_binary(env),
         check_shm(repo, opts),
         check_ports(opts, gateway_port),
-        check_gpu(repo),
+        check_gpu(repo, found),
+        check_placement(repo, found),
         check_tensorrt(repo),
         check_models(repo),
         check_perf_analyzer(),

@@ -59,6 +59,17 @@ class Encoder(torch.nn.Module):
         return torch.nn.functional.normalize(pooled.float(), dim=-1)  # fp32 [B, H]
 
 
+def bind_device(args) -> torch.device:
+    """This instance's device from Triton's args (export/placement.py instance_device), made current:
+    a KIND_GPU instance on GPU 1 would otherwise capture its CUDA graphs on streams and pools of GPU 0,
+    the default current device of every stub process."""
+    if args["model_instance_kind"] != "GPU":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(args["model_instance_device_id"]))
+    torch.cuda.set_device(device)
+    return device
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from transformers import AutoConfig, AutoModel
@@ -68,8 +79,8 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         ckpt = Path(params.get("checkpoint", "checkpoint"))
         ckpt = ckpt if ckpt.is_absolute() else version_dir / ckpt
-        gpu = args["model_instance_kind"] == "GPU"
-        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        self.device = bind_device(args)
+        gpu = self.device.type == "cuda"
         dtype = torch.float16 if gpu else torch.float32
         hf_config = AutoConfig.from_pretrained(ckpt)
         if params.get("random_weights", "false") == "true":
