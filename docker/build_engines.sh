@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build TensorRT engines inside the image whose TensorRT matches the serving container
-# (docker/Dockerfile.trt: nvcr.io/nvidia/tensorrt:24.10-py3 = TensorRT 10.5, as in
-# nvcr.io/nvidia/tritonserver:24.10-py3), on one GPU of this host. `make export-trt-docker`.
+# (docker/Dockerfile.trt: nvcr.io/nvidia/tensorrt:26.07-py3, whose TensorRT it checks against
+# nvcr.io/nvidia/tritonserver:26.07-py3's at build time), on one GPU of this host. `make export-trt-docker`.
 #
 #   bash docker/build_engines.sh                          # fp16 engine of minilm on GPU 0
 #   GPU=1 bash docker/build_engines.sh --precision int8   # any `python -m export.trt` argument
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${TRT_BUILD_IMAGE:-triton-encoder-trt-build:24.10}
+IMAGE=${TRT_BUILD_IMAGE:-triton-encoder-trt-build:26.07}
 GPU=${GPU:-0}
 RUN=${RUN:-export}
 

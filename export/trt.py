@@ -34,7 +34,7 @@ from export.trt_manifest import (  # noqa: F401  (check_engine_compat is part of
 from export.trt_int8 import ensure_int8_source, int8_onnx_problems
 from export.trt_options import (
     BUILD_IMAGE, DEFAULT_OUT_REPO, DEFAULT_PRECISION, DEFAULT_WORKSPACE_GB, GOLDEN_DIR, INT8_SYMMETRIC, PRECISIONS,
-    SERVING_IMAGE, SERVING_TRT_VERSION, SPEC_PRECISION, build_options, engine_filename, engine_model_name,
+    SERVING_IMAGE, SPEC_PRECISION, build_options, engine_filename, engine_model_name,
     profile_shapes, source_onnx, timing_cache_path as default_timing_cache_path,
 )
 
@@ -59,8 +59,8 @@ def import_tensorrt():
     except ImportError as e:
         raise TensorRTMissing(
             f"TensorRT's Python package is not importable here ({type(e).__name__}: {e}).\n"
-            f"A TensorRT engine must be built by the TensorRT version that serves it ({SERVING_IMAGE} ships "
-            f"TensorRT {SERVING_TRT_VERSION}). Build it in {BUILD_IMAGE} (same TensorRT) with\n"
+            f"A TensorRT engine must be built by the TensorRT version that serves it (that of {SERVING_IMAGE}). "
+            f"Build it in {BUILD_IMAGE} (the same release, the same TensorRT) with\n"
             f"    make export-trt-docker        # = bash docker/build_engines.sh\n"
             f"or install the tensorrt Python package matching the serving container and a CUDA GPU. "
             f"No engine was written.") from e

@@ -25,10 +25,12 @@ TRT_SOURCES_DIR = BUILD_DIR / "trt_sources"
 INT8_SYMMETRIC = "int8_symmetric"
 GOLDEN_DIR = REPO_ROOT / "tests" / "golden"  # = export.golden.GOLDEN_DIR (not imported: it pulls in torch)
 # The build image must carry the TensorRT of the serving image (engines are not portable across
-# TensorRT versions): nvcr.io/nvidia/tritonserver:24.10-py3 ships TensorRT 10.5.
-SERVING_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
-BUILD_IMAGE = "nvcr.io/nvidia/tensorrt:24.10-py3"
-SERVING_TRT_VERSION = "10.5"
+# TensorRT versions): the tritonserver and tensorrt images of one NGC release ship the same TensorRT
+# (docker/Dockerfile.trt checks it when the build image is built). Change the release with TRITON_IMAGE /
+# TRT_IMAGE in docker/Dockerfile and docker/Dockerfile.trt.
+NGC_RELEASE = "26.07"
+SERVING_IMAGE = f"nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3"
+BUILD_IMAGE = f"nvcr.io/nvidia/tensorrt:{NGC_RELEASE}-py3"
 # Engine precision -> the spec's precision variant (export/specs.py VARIANT_SUFFIX): its model name
 # and its tolerance. An int8 engine (from the symmetric Q/DQ ONNX) takes int8_static's.
 SPEC_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8_static"}

@@ -753,7 +753,7 @@ def test_cli_without_tensorrt_stops_with_a_clear_message(tmp_path, monkeypatch, 
     assert trt_export.main(["--out-repo", str(tmp_path / "out")]) == trt_export.EXIT_NO_TENSORRT == 2
     err = capsys.readouterr().err
     assert "TensorRT's Python package is not importable" in err
-    assert "make export-trt-docker" in err and "nvcr.io/nvidia/tensorrt:24.10-py3" in err
+    assert "make export-trt-docker" in err and "nvcr.io/nvidia/tensorrt:26.07-py3" in err
     assert "No engine was written" in err
     assert not (tmp_path / "out").exists()
 
