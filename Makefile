@@ -8,7 +8,7 @@ BENCH_ARGS  ?=
 BUNDLE_PYTHON ?= 3.12
 TRT_ARGS    ?=
 
-.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bench-gateway soak bundle clean
+.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-report bench-encoder-cpu bench-gateway soak bundle clean image deploy-check
 
 serve: export ## set up, export the default models, run tritonserver + the gateway on 127.0.0.1:8000 (Ctrl-C stops both)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
@@ -25,7 +25,7 @@ export: setup ## every default model of the repository (ONNX encoders, text pipe
 export-trt: setup ## TensorRT engines (needs TensorRT: see docs/tensorrt.md)
 	$(PY) -m export.trt $(TRT_ARGS)
 
-export-trt-docker: export ## TensorRT engines built in nvcr.io/nvidia/tensorrt:24.10-py3 (= the serving container's TensorRT 10.5)
+export-trt-docker: export ## TensorRT engines built in nvcr.io/nvidia/tensorrt:26.07-py3 (= the serving container's TensorRT)
 	$(PY) -m export.trt --make-int8-source  # calibration needs transformers, which the build image lacks
 	bash docker/build_engines.sh $(TRT_ARGS)
 
@@ -60,6 +60,13 @@ bench-report: ## results/gpu JSON -> report.md + PNG plots (no GPU needed)
 
 bundle: setup ## offline bundle for a GPU host without registry access (< 64 MiB; docs/gpu.md)
 	$(PY) -m serve.bundle --python $(BUNDLE_PYTHON) --out .bundle/bundle.tar.xz
+
+IMAGE ?= triton-hf:26.07-py3
+image: ## the serving image (docker/Dockerfile: NGC Triton 26.07 + our backends + the gateway); needs docker
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+deploy-check: setup ## static checks of the container, compose and Kubernetes files, and the GPU placement (no docker or cluster needed)
+	$(PY) -m pytest -q tests/test_deploy.py tests/test_placement.py tests/test_container.py $(PYTEST_ARGS)
 
 clean: ## remove generated artifacts (not the venv)
 	rm -rf build
