@@ -62,6 +62,24 @@ def test_the_launchers_hardening_with_the_containers_addresses(image_root):
     assert "--allow-client-shm=true" not in argv  # client shared memory stays off (26.07's default)
 
 
+TRITON_2_71 = json.loads((REPO_ROOT / "deploy" / "schemas" / "tritonserver-2.71.0.json").read_text())
+
+
+def test_every_flag_exists_in_the_images_tritonserver(image_root):
+    """The container's command line (and KServe's runtime flags after it) against tritonserver 2.71.0's own
+    option table, restricted-API categories and Python backend settings (vendored from its source)."""
+    kserve = ["tritonserver", "--model-store=/mnt/models", "--grpc-port=9000", "--http-port=8080",
+              "--allow-grpc=true", "--allow-http=true"]
+    for c in (ContainerConfig(admin_token=TOKEN), ContainerConfig(triton_only=True, admin_token=TOKEN, extra_args=kserve)):
+        got = flags(triton_argv(c, "p_"))
+        assert set(n.removeprefix("--") for n in got) <= set(TRITON_2_71["options"])
+        apis = got["--http-restricted-api"][0].split(":")[0].split(",") + got["--grpc-restricted-protocol"][0].split(":")[0].split(",")
+        assert set(apis) <= set(TRITON_2_71["restricted_categories"])
+        python = [v.split(",", 1)[1].split("=")[0] for v in got["--backend-config"] if v.startswith("python,")]
+        assert python and set(python) <= set(TRITON_2_71["python_backend_config"])
+    assert "not-an-option" not in TRITON_2_71["options"] and "model-repository" in TRITON_2_71["options"]
+
+
 def test_kserve_runtime_arguments_follow_ours(image_root):
     kserve = ["tritonserver", "--model-store=/mnt/models", "--grpc-port=9000", "--http-port=8080",
               "--allow-grpc=true", "--allow-http=true"]

@@ -2,6 +2,7 @@
 our manifests against. Kubernetes' own kinds need none: kubernetes-validate ships their schemas.
 
     python deploy/schemas/vendor.py OUT=GIT_DIR ...   # e.g. kserve_inferenceservice_v1beta1.json=~/src/kserve/.git
+    python deploy/schemas/vendor.py tritonserver SERVER_GIT_DIR PYTHON_BACKEND_GIT_DIR
 
 Each source is read at its pinned ref with `git show` (any clone of the repository will do). Each output
 is the upstream openAPIV3Schema of one CRD version (or the compose spec), as JSON, with `description`
@@ -12,6 +13,7 @@ ref, path and commit are written into the file's `$comment`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +95,40 @@ def vendor(out: str, git_dir: Path) -> Path:
     return dst
 
 
+# tritonserver's command line: the option names, restricted-API categories and Python backend settings of
+# the release the container is built on, read from its C++ source (tests/test_container.py checks every
+# flag the entrypoint passes against them).
+TRITONSERVER = ("tritonserver-2.71.0.json", "triton-inference-server/server", "v2.71.0",
+                "triton-inference-server/python_backend", "r26.07")
+
+
+def vendor_tritonserver(server_git: Path, python_backend_git: Path) -> Path:
+    out, repo, tag, pb_repo, pb_ref = TRITONSERVER
+
+    def show(git_dir: Path, ref: str, path: str) -> str:
+        return subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{ref}:{path}"], capture_output=True,
+                              text=True, check=True).stdout
+
+    parser = show(server_git, tag, "src/command_line_parser.cc")
+    restricted = show(server_git, tag, "src/restricted_features.h")
+    python_be = show(python_backend_git, pb_ref, "src/python_be.cc")
+    categories = restricted[restricted.index("RESTRICTED_CATEGORY_NAMES"):].split("}", 1)[0]
+    data = {
+        "$comment": f"https://github.com/{repo}/blob/{tag}/src/command_line_parser.cc and src/restricted_features.h, "
+                    f"https://github.com/{pb_repo}/blob/{pb_ref}/src/python_be.cc; made by deploy/schemas/vendor.py",
+        "options": sorted(set(re.findall(r'\{OPTION_[A-Z0-9_]+,\s*"([a-z0-9-]+)"', parser))),
+        "restricted_categories": re.findall(r'"([a-z-]+)"', categories),
+        "python_backend_config": sorted(set(re.findall(r'"(shm-[a-z-]+)"', python_be))),
+    }
+    dst = HERE / out
+    dst.write_text(json.dumps(data, indent=1) + "\n")
+    return dst
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["tritonserver"]:  # vendor.py tritonserver SERVER_GIT_DIR PYTHON_BACKEND_GIT_DIR
+        print(vendor_tritonserver(Path(argv[1]).expanduser(), Path(argv[2]).expanduser()))
+        return 0
     for arg in argv:
         out, _, git_dir = arg.partition("=")
         if out not in SOURCES or not git_dir:
