@@ -37,22 +37,24 @@ def sse(obj) -> bytes:
 
 
 class Admission:
-    """Generations in flight, capped: past the cap a request is refused at once, never queued here."""
+    """Work in flight, capped: past the cap a request is refused at once, never queued here. `what` names
+    the unit (generations; embedding texts, where a request weighs its number of texts and one request
+    alone is always admitted)."""
 
-    def __init__(self, limit: int, retry_after_s: int):
-        self.limit, self.retry_after_s, self.active = limit, retry_after_s, 0
+    def __init__(self, limit: int, retry_after_s: int, what: str = "concurrent generations"):
+        self.limit, self.retry_after_s, self.what, self.active = limit, retry_after_s, what, 0
 
-    def acquire(self):
+    def acquire(self, weight: int = 1):
         """A release callable (idempotent), or APIError 429."""
-        if self.active >= self.limit:
-            raise overloaded(f"too many concurrent generations ({self.limit}); retry later", self.retry_after_s)
-        self.active += 1
+        if self.active and self.active + weight > self.limit:
+            raise overloaded(f"too many {self.what} ({self.limit}); retry later", self.retry_after_s)
+        self.active += weight
         held = [True]
 
         def release() -> None:
             if held[0]:
                 held[0] = False
-                self.active -= 1
+                self.active -= weight
         return release
 
 
@@ -100,6 +102,7 @@ class OpenAIRoutes:
     def __init__(self, s: GatewaySettings, triton: Triton):
         self.s, self.triton = s, triton
         self.admission = Admission(s.max_concurrent_generations, s.retry_after_s)
+        self.embedding_admission = Admission(s.max_embedding_texts_in_flight, s.retry_after_s, "embedding texts in flight")
 
     def routes(self) -> list[Route]:
         return [
@@ -224,11 +227,14 @@ class OpenAIRoutes:
             raise bad_request(f"input holds {len(texts)} texts; at most {self.s.max_embedding_inputs} per request", "input")
         if req.dimensions is not None and req.dimensions != hidden:
             raise bad_request(f"dimensions: {req.model!r} makes {hidden}-dimensional embeddings only", "dimensions")
+        release = self.embedding_admission.acquire(len(texts))
         try:
             vectors = await asyncio.wait_for(until_disconnect(request.receive, self.triton.embed(model, texts)),
                                              timeout=self.s.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(504, f"embedding did not finish within {self.s.request_timeout_s:g} s") from None
+        finally:
+            release()
         if req.encoding_format == "base64":
             items = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
         else:

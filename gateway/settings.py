@@ -46,6 +46,10 @@ class GatewaySettings:
     retry_after_s: int = 1
     # Most inputs in one /v1/embeddings request (OpenAI's own limit is 2048).
     max_embedding_inputs: int = 2048
+    # Embedding texts in flight through the gateway (a request counts its texts; one request alone is
+    # always admitted); more are refused at once with 429 + Retry-After. 1024: ~3 s of work for the
+    # 2-core CPU (~350 texts/s), under the encoder queue's 5 s timeout.
+    max_embedding_texts_in_flight: int = 1024
     # Open connections + in-flight requests the HTTP server accepts before answering 503.
     max_connections: int = 1024
     # TLS: both set -> HTTPS.
@@ -67,7 +71,7 @@ class GatewaySettings:
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_json_depth", "max_header_bytes", "max_concurrent_generations",
-                     "max_embedding_inputs", "max_connections", "max_restarts"):
+                     "max_embedding_inputs", "max_embedding_texts_in_flight", "max_connections", "max_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("body_timeout_s", "request_timeout_s", "ready_poll_s", "supervise_interval_s",

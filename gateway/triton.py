@@ -39,6 +39,9 @@ DATATYPES = {"TYPE_STRING": "BYTES"}
 # gRPC status -> HTTP status for errors that carry one (unary calls).
 GRPC_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
                "RESOURCE_EXHAUSTED": 429, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+# Triton's dynamic-batcher queue policy (max_queue_size, default_timeout_microseconds) refuses with
+# UNAVAILABLE and one of these: overload, to retry later (the encoder's queue, reached through the pipeline).
+QUEUE_REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 @dataclass
@@ -84,18 +87,20 @@ def model_error(message: str, retry_after_s: int = 1) -> APIError:
         if first == TEXT_INPUT:  # the OpenAI routes call it prompt (or messages)
             return APIError(400, message.removeprefix(TEXT_INPUT).lstrip(": "), param="prompt")
         return APIError(400, message, param=first)
-    if message.startswith("overloaded"):  # the engine's bounded admission: retry later
+    if message.startswith("overloaded") or any(q in message for q in QUEUE_REFUSALS):  # bounded queues: retry later
         return overloaded(f"model overloaded: {message}", retry_after_s, status=503)
     if "is not healthy" in message or "not ready" in message or "unavailable" in message.lower():
         return APIError(503, f"model unavailable: {message}")
     return APIError(500, f"model error: {message}")
 
 
-def grpc_error(e: InferenceServerException) -> APIError:
+def grpc_error(e: InferenceServerException, retry_after_s: int = 1) -> APIError:
     status = str(e.status() or "").removeprefix("StatusCode.")
     code = GRPC_STATUS.get(status)
-    if code is None:
-        return model_error(e.message())
+    if code is None or any(q in e.message() for q in QUEUE_REFUSALS):
+        return model_error(e.message(), retry_after_s)
+    if code == 503:
+        return retryable(503, e.message(), retry_after_s)
     return APIError(code, e.message())
 
 
@@ -309,7 +314,7 @@ class Triton:
                     return
             raise APIError(502, "the inference server closed the stream before the final response")
         except InferenceServerException as e:
-            raise grpc_error(e) from None
+            raise grpc_error(e, self.s.retry_after_s) from None
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise APIError(504, f"generation did not finish within {timeout_s:g} s (request_timeout_s); "
@@ -341,7 +346,7 @@ class Triton:
             result = await task
             self.progress[model.name] = time.monotonic()
         except InferenceServerException as e:
-            raise grpc_error(e) from None
+            raise grpc_error(e, self.s.retry_after_s) from None
         except asyncio.CancelledError:
             self._raise_if_failed(key)
             raise  # our caller was cancelled (the client went away)

@@ -17,7 +17,8 @@ from gateway.errors import APIError
 from gateway.kserve import COMPILED, check_generate_inputs, fits
 from gateway.openai_schema import ChatRequest, CompletionRequest, validate
 from gateway.settings import GatewaySettings
-from gateway.triton import Chunk, LLMModel, model_error
+from gateway.openai_routes import Admission
+from gateway.triton import Chunk, LLMModel, grpc_error, model_error
 from llm.settings import EngineSettings
 from serve.stack import Signals, gateway_argv
 
@@ -121,6 +122,35 @@ def test_model_errors_become_statuses():
     assert (e.status, e.param, e.message) == (400, "prompt", "prompt has 900 tokens; the context limit is 512")
     assert model_error("Stub process 'tiny_llama_0_0' is not healthy.").status == 503
     assert model_error("CUDA out of memory").status == 500
+
+
+def test_queue_refusals_are_retryable_overload():
+    """Triton's queue policy (the encoder's max_queue_size / timeout, reached through the pipeline) and
+    the engine's admission refuse with UNAVAILABLE: 503 + Retry-After, code overloaded."""
+    from tritonclient.utils import InferenceServerException
+
+    for message in ("in ensemble 'minilm_text', Request timeout expired", "Exceeds maximum queue size"):
+        e = grpc_error(InferenceServerException(message, status="StatusCode.UNAVAILABLE"), retry_after_s=2)
+        assert (e.status, e.code, e.headers) == (503, "overloaded", {"Retry-After": "2"}), message
+    e = grpc_error(InferenceServerException("Stub process 'm_0_0' is not healthy.", status="StatusCode.UNAVAILABLE"))
+    assert e.status == 503 and "is not healthy" in e.message and e.code is None  # the supervisor's cue
+    assert grpc_error(InferenceServerException("bad", status="StatusCode.INVALID_ARGUMENT")).status == 400
+
+
+def test_embedding_admission_counts_texts_and_always_admits_one_request():
+    a = Admission(100, 1, "embedding texts in flight")
+    big = a.acquire(500)  # alone: admitted whatever its size
+    with pytest.raises(APIError) as e:
+        a.acquire(1)
+    assert e.value.status == 429 and e.value.code == "overloaded" and "embedding texts" in e.value.message
+    big()
+    big()  # idempotent
+    small = [a.acquire(50), a.acquire(50)]
+    with pytest.raises(APIError):
+        a.acquire(1)
+    small[0]()
+    a.acquire(50)
+    assert a.active == 100
 
 
 class FakeTriton:
@@ -234,3 +264,4 @@ def test_supervisor_gives_up_after_max_restarts_and_stays_down():
     t, sup = heal(fail=100, max_restarts=3)
     assert t.reloads == 3 and sup.gave_up == {"step"}
     assert "failed 3 times" in t.down["step"] and "not restarted again" in t.down["pipeline"]
+
