@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import APIError
+from gateway.errors import APIError, retryable
 from gateway.kserve import KServeProxy, kserve_error
 from gateway.openai_routes import OpenAIRoutes, json_response
 from gateway.settings import GatewaySettings
@@ -39,12 +39,56 @@ def render(path: str, e: APIError) -> Response:
     return kserve_error(e) if path == "/v2" or path.startswith("/v2/") else e.response()
 
 
-class Guard:
-    """API keys (when configured) and one access-log line per request; outermost, so refusals are
-    logged too."""
+class Drain:
+    """The gateway's shutdown, shared by Guard (which answers 503 while draining and counts the requests
+    being answered) and the server (gateway/__main__.py: the signal starts it, its ticks end it).
+    `since` is only ever set by the signal handler (a plain store: no lock in a handler)."""
 
-    def __init__(self, app: ASGIApp, s: GatewaySettings):
+    def __init__(self, s: GatewaySettings, end_in_flight=None):
+        self.drain_s, self.timeout_s = min(s.drain_s, s.shutdown_timeout_s), s.shutdown_timeout_s
+        self.retry_after_s = s.retry_after_s
+        self.since: float | None = None  # time.monotonic() of the signal
+        self.active = 0  # requests being answered (the drain's own 503s not counted)
+        self.ended_at: float | None = None  # when the requests still in flight were ended
+        self.end_in_flight = end_in_flight or (lambda reason, code: 0)  # -> how many were ended
+
+    @property
+    def draining(self) -> bool:
+        return self.since is not None
+
+    def refusal(self, path: str) -> Response:
+        e = retryable(503, "the gateway is shutting down; retry on another instance or after the restart",
+                      self.retry_after_s, code="shutting_down")
+        if path == "/health":
+            return json_response({"status": "shutting down"}, 503, e.headers)
+        return render(path, e)
+
+    def done(self, now: float) -> bool:
+        """Called every tick while draining: True once the gateway may close its listener and exit."""
+        elapsed = now - self.since
+        if self.active == 0 and elapsed >= self.drain_s:
+            return True
+        if elapsed < self.timeout_s:
+            return False
+        if self.ended_at is None:  # shutdown_timeout_s is over: end what is still in flight
+            self.ended_at = now
+            n = self.end_in_flight("the gateway is shutting down", "shutting_down")
+            log.warning("shutdown: %d request(s) still in flight after %.0f s were ended with an error",
+                        n, self.timeout_s)
+            return False
+        return self.active == 0 or now - self.ended_at >= END_FLUSH_S
+
+
+END_FLUSH_S = 0.5  # after ending the requests in flight: time for their final error events to go out
+
+
+class Guard:
+    """API keys (when configured), the shutdown drain, and one access-log line per request; outermost, so
+    refusals are logged too."""
+
+    def __init__(self, app: ASGIApp, s: GatewaySettings, drain: Drain | None = None):
         self.app, self.s = app, s
+        self.drain = drain or Drain(s)
         self.keys = [k.encode() for k in s.api_keys]
 
     def authorized(self, scope: Scope) -> bool:
@@ -67,8 +111,14 @@ class Guard:
             await send(message)
 
         try:
-            if self.authorized(scope):
-                await self.app(scope, receive, sending)
+            if self.drain.draining and scope["path"] != "/metrics":
+                await self.drain.refusal(scope["path"])(scope, receive, sending)
+            elif self.authorized(scope):
+                self.drain.active += 1
+                try:
+                    await self.app(scope, receive, sending)
+                finally:
+                    self.drain.active -= 1
             else:
                 e = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              headers={"WWW-Authenticate": "Bearer"})
@@ -136,7 +186,8 @@ def create_app(s: GatewaySettings, triton: Triton | None = None) -> ASGIApp:
         lifespan=lifespan,
     )
     app.state.triton, app.state.openai, app.state.supervisor = triton, openai, supervisor
-    return Guard(app, s)
+    end = getattr(triton, "fail_in_flight", None)  # test doubles may not have it
+    return Guard(app, s, Drain(s, end))
 
 
 def setup_logging() -> None:

@@ -27,8 +27,8 @@ from gateway.triton import Chunk, LLMModel, Triton
 DONE = b"data: [DONE]\n\n"
 
 
-def json_response(obj, status: int = 200) -> Response:
-    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+def json_response(obj, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status, headers=headers,
                     media_type="application/json")
 
 

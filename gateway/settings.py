@@ -55,6 +55,13 @@ class GatewaySettings:
     # TLS: both set -> HTTPS.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    # Shutdown (SIGTERM/SIGINT): for drain_s the listener stays open and answers new requests with 503 +
+    # Retry-After (code shutting_down; /health 503) while the requests in flight go on (it stays open
+    # longer while any is in flight); those still in flight shutdown_timeout_s after the signal are
+    # ended (a stream with a final error event, others 503); then the gateway exits. The launcher caps
+    # shutdown_timeout_s at Triton's --exit-timeout-secs, so that a whole stop stays within it + 5 s.
+    drain_s: float = 3.0
+    shutdown_timeout_s: float = 10.0
     # Access log: one JSON line per request on stderr (never the prompt text unless log_prompts).
     access_log: bool = True
     log_prompts: bool = False
@@ -75,9 +82,11 @@ class GatewaySettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("body_timeout_s", "request_timeout_s", "ready_poll_s", "supervise_interval_s",
-                     "canary_interval_s", "hang_timeout_s", "restart_window_s"):
+                     "canary_interval_s", "hang_timeout_s", "restart_window_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.drain_s < 0:
+            raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile must be set together")
         if any(not k for k in self.api_keys):

@@ -118,7 +118,7 @@ class Triton:
         self.dependents: dict[str, set[str]] = {}  # model -> the ensembles that call it
         self.down: dict[str, str] = {}  # model -> why it does not serve now (the supervisor sets it)
         self._inflight: dict[str, dict[int, object]] = {}  # model -> {id: gRPC call or task} of requests in flight
-        self._failed: dict[int, str] = {}  # id of a request failed by mark_down -> the reason
+        self._failed: dict[int, tuple[str, str]] = {}  # id of a request failed on purpose -> (reason, code)
         self.progress: dict[str, float] = {}  # model -> monotonic time of its last response through the gateway
         self._poller: asyncio.Task | None = None
 
@@ -220,9 +220,18 @@ class Triton:
         """`model` and the ensembles using it stop serving now; their requests in flight fail with `reason`."""
         for m in (model, *self.dependents.get(model, ())):
             self.down[m] = reason
-            for key, call in list(self._inflight.get(m, {}).items()):
-                self._failed[key] = reason
-                call.cancel()
+            self._fail(self._inflight.get(m, {}), reason, "model_restarting")
+
+    def fail_in_flight(self, reason: str, code: str) -> int:
+        """Every request in flight through the gateway ends now with a retryable 503 (or, streamed, a final
+        error event) saying `reason` (the gateway's shutdown). Returns how many."""
+        return sum(self._fail(calls, reason, code) for calls in list(self._inflight.values()))
+
+    def _fail(self, calls: dict[int, object], reason: str, code: str) -> int:
+        for key, call in list(calls.items()):
+            self._failed[key] = (reason, code)
+            call.cancel()
+        return len(calls)
 
     def mark_up(self, model: str) -> None:
         self.down.pop(model, None)
@@ -260,11 +269,11 @@ class Triton:
         self._failed.pop(key, None)
 
     def _raise_if_failed(self, key: int) -> None:
-        """A request cancelled by mark_down() ends in a retryable 503 that says why."""
-        reason = self._failed.get(key)
-        if reason is not None:
-            raise retryable(503, f"{reason}; this request was failed", self.s.retry_after_s,
-                            code="model_restarting") from None
+        """A request cancelled by mark_down() or fail_in_flight() ends in a retryable 503 that says why."""
+        failed = self._failed.get(key)
+        if failed is not None:
+            reason, code = failed
+            raise retryable(503, f"{reason}; this request was failed", self.s.retry_after_s, code=code) from None
 
     def llm(self, name: str) -> LLMModel:
         return self._lookup(self.llms, name, "a text generation model")

@@ -23,7 +23,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from gateway import settings as gateway_settings
-from gateway.__main__ import GRACEFUL_SHUTDOWN_S
 from gateway.settings import GatewaySettings
 from serve import paths
 from serve.environment import SetupError
@@ -129,14 +128,15 @@ class GatewayProcess:
             return False
 
     def stop(self) -> int | None:
-        """SIGTERM: uvicorn stops accepting, lets in-flight requests finish (GRACEFUL_SHUTDOWN_S), exits."""
+        """SIGTERM: the gateway drains (new requests 503, in-flight ones go on for up to
+        shutdown_timeout_s, then end with an error) and exits; SIGKILL if it has not 5 s later."""
         p = self.process
         if p is None:
             return None
         if p.poll() is None:
             p.terminate()
             try:
-                p.wait(timeout=GRACEFUL_SHUTDOWN_S + 5)
+                p.wait(timeout=self.settings.shutdown_timeout_s + 5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -153,7 +153,10 @@ class ServingStack(Started):
         self.gateway = GatewayProcess(gateway.replace(
             host=o.host, triton_grpc_url=self.server.grpc_url, triton_http_url=self.server.http_url,
             model_repository=Path(o.model_repository), admin_token=self.server.admin_token,
-            stub_shm_prefix=self.server.shm_prefix),
+            stub_shm_prefix=self.server.shm_prefix,
+            # The gateway stops first and ends what is still in flight by then, so Triton's own stop
+            # has nothing left to wait for: the whole stop stays within exit_timeout_secs + 5 s.
+            shutdown_timeout_s=min(gateway.shutdown_timeout_s, max(o.exit_timeout_secs, 1))),
             Path(self.server.log_path).with_name(f"gateway-{gateway.port}.log"))
 
     # ---- endpoints: HTTP is the gateway's; the rest is Triton's
@@ -189,7 +192,7 @@ class ServingStack(Started):
         return self
 
     def stop(self) -> int | None:
-        """The gateway first (in-flight requests finish while Triton still serves), then Triton."""
+        """The gateway first (it drains: in-flight requests finish while Triton still serves), then Triton."""
         self.gateway.stop()
         return self.server.stop()
 

@@ -1,5 +1,6 @@
 """The gateway's parts without a server: settings, body limits, validation, routing, error mapping,
-deadlines and admission (with a fake backend), and the lock-free signal wait of `make serve`."""
+deadlines and admission (with a fake backend), the shutdown drain, and the lock-free signal wait of
+`make serve`."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from gateway import settings as settings_mod
-from gateway.app import create_app
+from gateway.app import Drain, create_app
 from gateway.body import depth_of, parse_json
 from gateway.errors import APIError
 from gateway.kserve import COMPILED, check_generate_inputs, fits
@@ -265,3 +266,31 @@ def test_supervisor_gives_up_after_max_restarts_and_stays_down():
     assert t.reloads == 3 and sup.gave_up == {"step"}
     assert "failed 3 times" in t.down["step"] and "not restarted again" in t.down["pipeline"]
 
+
+def test_drain_answers_503_then_ends_what_is_still_in_flight():
+    """While draining: every route but /metrics answers 503 + Retry-After (code shutting_down; /health
+    {"status": "shutting down"}; KServe routes in KServe's shape). The drain is over after drain_s when
+    nothing is in flight; else at shutdown_timeout_s the requests in flight are ended, then it is over."""
+    ended = []
+    app = create_app(S.replace(access_log=False, drain_s=1, shutdown_timeout_s=5), FakeTriton(chunks=1, step_s=0))
+    app.drain.end_in_flight = lambda reason, code: ended.append((reason, code)) or 3
+    app.drain.since = 100.0
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            return [await c.post("/v1/completions", json={"model": "fake", "prompt": "x"}), await c.get("/health"),
+                    await c.get("/v2/health/ready"), await c.get("/metrics")]
+    completion, health, ready, metrics = asyncio.run(go())
+    assert completion.status_code == 503 and completion.headers["retry-after"] == "1"
+    assert completion.json()["error"]["code"] == "shutting_down"
+    assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+    assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
+    assert metrics.status_code == 200
+    d = app.drain
+    assert not d.done(100.5) and d.done(101.0)  # idle: over after drain_s
+    d.active = 2
+    assert not d.done(104.9) and ended == []
+    assert not d.done(105.0) and ended == [("the gateway is shutting down", "shutting_down")]
+    assert not d.done(105.1) and d.done(105.0 + 0.5)  # their final errors get END_FLUSH_S to go out
+    d2 = Drain(S.replace(drain_s=30, shutdown_timeout_s=2))
+    assert d2.drain_s == 2  # never longer than the shutdown budget

@@ -1,9 +1,14 @@
-"""SIGTERM at random moments (starting, idle, with a stream in flight): every stop of `make serve`
+"""SIGTERM at random moments (starting, idle, with streams in flight): every stop of `make serve`
 (Triton + the gateway) ends within exit_timeout + 5 s and leaves no tritonserver, stub or gateway
-process and no /dev/shm region. The launcher's signal handling takes no lock (serve/stack.py Signals)."""
+process and no /dev/shm region. The launcher's signal handling takes no lock (serve/stack.py Signals).
+While the gateway drains, new requests get 503 (not "connection refused") and the streams in flight
+complete or end with a final error event."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
+import os
 import random
 import signal
 import subprocess
@@ -25,14 +30,31 @@ EXIT_TIMEOUT_S = 5
 ROUNDS = 30
 
 
-def launch(repo: Path):
+def launch(repo: Path, env: dict[str, str] | None = None):
     opts, gateway_port = server_options(repo), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.launcher", "--quiet", "--model-repository", str(repo), "--http-port", str(gateway_port),
          "--triton-http-port", str(opts.http_port), "--grpc-port", str(opts.grpc_port), "--metrics-port",
          str(opts.metrics_port), "--exit-timeout-secs", str(EXIT_TIMEOUT_S)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     return proc, f"http://127.0.0.1:{gateway_port}", f"triton_py_{proc.pid}_{opts.http_port}_"
+
+
+@contextlib.contextmanager
+def launched(repo: Path, env: dict[str, str] | None = None):
+    """launch(), and should the test fail before its own stop, the launcher is still stopped (SIGTERM):
+    no server outlives a failed test."""
+    proc, url, prefix = launch(repo, env)
+    try:
+        yield proc, url, prefix
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=EXIT_TIMEOUT_S + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 def leftovers(proc: subprocess.Popen, prefix: str) -> list[str]:
@@ -48,7 +70,7 @@ def leftovers(proc: subprocess.Popen, prefix: str) -> list[str]:
     return left
 
 
-def stop_and_check(proc, prefix: str, when: str) -> None:
+def stop_and_check(proc, prefix: str, when: str, bound_s: float = EXIT_TIMEOUT_S + 5 + 10) -> float:
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -57,11 +79,12 @@ def stop_and_check(proc, prefix: str, when: str) -> None:
         proc.kill()
         raise AssertionError(f"SIGTERM {when}: the launcher hung") from None
     took = time.monotonic() - t0
-    assert took <= EXIT_TIMEOUT_S + 5 + 10, f"SIGTERM {when}: stop took {took:.1f} s\n{out[-2000:]}"
+    assert took <= bound_s, f"SIGTERM {when}: stop took {took:.1f} s\n{out[-2000:]}"
     # 0: clean stop; 1: Triton ran into its exit-timeout (the launcher then cleans up); -SIGTERM: the
     # signal came before the launcher installed its handling, i.e. before it started anything.
     assert proc.returncode in (0, 1, -signal.SIGTERM), out[-2000:]
     assert leftovers(proc, prefix) == [], f"SIGTERM {when}: left behind\n{out[-2000:]}"
+    return took
 
 
 def test_sigterm_at_random_moments_never_hangs_and_leaves_nothing(tmp_path):
@@ -79,32 +102,103 @@ def test_sigterm_at_random_moments_never_hangs_and_leaves_nothing(tmp_path):
         list(pool.map(round_, range(ROUNDS)))
 
 
-def test_sigterm_with_a_stream_in_flight(tmp_path):
-    repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
-    proc, url, prefix = launch(repo)
+def wait_ready(proc, url: str) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(f"{url}/health").status_code == 200:
-                break
+                return
         except httpx.TransportError:
             pass
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    events, errors = [], []
 
-    def stream():
+
+def test_sigterm_with_a_stream_in_flight(tmp_path):
+    repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
+    with launched(repo) as (proc, url, prefix):
+        wait_ready(proc, url)
+        events, errors, started = [], [], threading.Event()
+
+        def stream():
+            body = {"model": "tiny_llama", "prompt": "Hello", "max_tokens": 256, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code}: {r.read()!r}")
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            events.append(line)
+                            started.set()
+            except httpx.HTTPError as e:
+                errors.append(e)
+            finally:
+                started.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        # In flight = its first event has arrived (a request that reaches the gateway only after SIGTERM
+        # gets the drain's 503 instead: the next test)
+        assert started.wait(60) and events, errors
+        stop_and_check(proc, prefix, "with a stream in flight")
+        t.join(10)
+        # the stream either completed (its final event and [DONE]) or got an error: it never hangs
+        assert not t.is_alive() and (errors or events[-1] == "data: [DONE]")
+
+
+def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(tmp_path):
+    """32 streams of 256 tokens in flight at SIGTERM (8,192 tokens: several seconds of this engine's
+    ~1,700 tokens/s), the gateway's shutdown_timeout_s set to 1.5 s. While it drains, a new request gets
+    503 + Retry-After with code shutting_down, and /health 503, instead of "connection refused"; every
+    stream ends with `data: [DONE]`, either complete or after a final error event (shutting_down), never
+    cut off; the whole stop stays within exit_timeout + 5 s and leaves nothing."""
+    repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
+    with launched(repo, env={"GATEWAY_SHUTDOWN_TIMEOUT_S": "1.5", "GATEWAY_DRAIN_S": "1.5"}) as (proc, url, prefix):
+        wait_ready(proc, url)
         body = {"model": "tiny_llama", "prompt": "Hello", "max_tokens": 256, "ignore_eos": True, "stream": True}
-        try:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-                events.extend(line for line in r.iter_lines() if line.startswith("data: "))
-        except httpx.HTTPError as e:
-            errors.append(e)
+        started = [threading.Event() for _ in range(32)]
+        streams: list[list[str]] = [[] for _ in range(32)]
+        errors = []
 
-    t = threading.Thread(target=stream)
-    t.start()
-    time.sleep(0.2)
-    stop_and_check(proc, prefix, "with a stream in flight")
-    t.join(10)
-    # the stream either completed (its final event and [DONE]) or got an error: it never hangs
-    assert not t.is_alive() and (errors or events[-1] == "data: [DONE]")
+        def stream(i: int) -> None:
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                    assert r.status_code == 200, r.read()
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            streams[i].append(line)
+                            started[i].set()
+            except Exception as e:  # noqa: BLE001 - asserted below: no stream may fail this way
+                errors.append(repr(e))
+            finally:
+                started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for s in started:
+            assert s.wait(60)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stop = pool.submit(stop_and_check, proc, prefix, "with 32 streams in flight", EXIT_TIMEOUT_S + 5)
+            time.sleep(0.5)  # the launcher has passed SIGTERM on; the gateway drains for >= 1.5 s
+            r = httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=10)
+            health = httpx.get(f"{url}/health", timeout=10)
+            took = stop.result()
+        assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+        assert r.json()["error"]["code"] == "shutting_down"
+        assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive()
+        assert errors == []
+        ended = 0
+        for events in streams:
+            assert events[-1] == "data: [DONE]", events[-3:]
+            last = json.loads(events[-2].removeprefix("data: "))
+            if "error" in last:
+                assert last["error"]["code"] == "shutting_down", last
+                ended += 1
+            else:
+                assert last["choices"][0]["finish_reason"] == "length", last
+        assert ended > 0, "no stream was still running 1.5 s after SIGTERM: the drain's final error is untested"
+        print(f"stop took {took:.1f} s; {ended} of 32 streams ended with the final error")
