@@ -1,193 +1,251 @@
-"""Our engine (llm/), in process, no Triton:
+"""Our engine in process (no Triton): the one in-process LLM benchmark.
 
-- `decode_sweep`: the ModelRunner's decode step (CUDA graphs per batch bucket) timed at batch sizes
-  1..64 with a random-weight model of a benchmark shape: the engine's ceiling for tokens/s.
-- `profile_decode`: torch.profiler over a few decode steps -> top CUDA kernels and CPU ops tables.
-- `engine_run`: a full continuous-batching Engine (scheduler, sampling, detokenization; built from a
-  checkpoint by bench.llm) with `concurrency` requests of ISL/OSL submitted at once, per-response
-  timestamps -> TTFT/ITL/tokens/s. Compared with the same load through Triton + gRPC this gives the
-  serving overhead.
+- `random_engine`: an Engine over a random-weight model of a benchmark shape, built on the device
+  (no weights written to disk; the tokenizer comes from a weightless checkpoint directory).
+- `decode_sweep`: the runner's decode step (CUDA graph per batch bucket) timed at batch sizes 1..64
+  with every row at `context`: the engine's ceiling for tokens/s. `profile_decode`: torch.profiler
+  tables of a few steps.
+- `closed_loop`: `concurrency` streams kept busy (a finished request is replaced at once) over a
+  list of (isl, osl) requests after a warm-up wave; TTFT / ITL p50 and p99, output tokens/s and the
+  engine's host time per step. `idle_ttft`: median TTFT of single requests on an idle engine.
 
-    python -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 8 32 64
+    python -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 8 32 64 --workload 128:256 chat
+    python -m bench.engine_inproc --shape tiny --device cpu --batches 1 4 --concurrency 4 --workload 32:16
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-from bench.baseline_hf import percentile, random_model, random_prompts
-from bench.shapes import SHAPES, LlamaShape
+from bench.baseline_hf import percentile
+from bench.workloads import lengths, parse_workload, requests_for
 
 
-def runner_from_hf(hf_model, settings, device: str = "cuda:0"):
-    """A ModelRunner over the weights of an in-memory HF model (random-weight benchmarks: no
-    checkpoint written to disk). Same code path as a loaded checkpoint after `llm.model.load`."""
+def random_engine(shape: str, device: str = "cuda", seed: int = 0, **settings):
+    """Engine(settings) over a random-weight model of export/random_llm.py SHAPES[shape]."""
     import torch
 
+    from export.random_llm import random_state_dict, write_random_checkpoint
     from llm import model as llm_model
-    from llm import runner as llm_runner
-
-    a = llm_model.ModelArgs.from_hf(hf_model.config)
-    with torch.device("meta"):
-        m = llm_model.Transformer(a, settings.max_context)
-    sd = llm_model.hf_to_fused(hf_model.state_dict(), a, hf_model.dtype)
-    missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
-    assert not missing and not unexpected, (missing, unexpected)
-    m.set_rope(hf_model.config, hf_model.dtype)
-    m = m.eval().requires_grad_(False)
-    original = llm_model.load
-    llm_model.load = lambda *args, **kw: (m, hf_model.config)
-    try:
-        return llm_runner.ModelRunner(settings, "<in-memory>", device)
-    finally:
-        llm_model.load = original
-
-
-def build_runner(shape: LlamaShape, max_slots: int, max_context: int, cuda_graphs: bool = True,
-                 compile: bool = False, kv_len_min: int = 256):
-    import torch
-
+    from llm.engine import Engine
+    from llm.runner import resolve_dtype
     from llm.settings import EngineSettings
 
-    settings = EngineSettings(max_slots=max_slots, max_context=max_context, cuda_graphs=cuda_graphs,
-                              kv_len_min=kv_len_min, dtype="bfloat16", compile=compile)
-    hf = random_model(shape)
-    runner = runner_from_hf(hf, settings)
-    del hf
-    torch.cuda.empty_cache()
-    return runner
+    ckpt = write_random_checkpoint(Path(tempfile.mkdtemp(prefix=f"ckpt-{shape}-")), shape, weights=False)
+    s = EngineSettings(**{**settings, "checkpoint": str(ckpt)})
+    dev = torch.device(device)
+    dtype = resolve_dtype(s.dtype, dev)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(ckpt)
+    a = llm_model.ModelArgs.from_hf(hf_config)
+    with torch.device("meta"):
+        m = llm_model.Transformer(a, s.max_context or a.max_position_embeddings)
+    sd = llm_model.hf_to_fused(random_state_dict(hf_config, str(dev), dtype, seed), a, dtype)
+    missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    m.set_rope(hf_config, dtype)
+    return Engine(s, device=device, model=(m.eval().requires_grad_(False), hf_config))
 
 
-def decode_sweep(runner, batches: list[int], context: int, steps: int = 50) -> list[dict]:
-    """Decode-step latency at each batch size with every row at position `context` (greedy argmax and
-    the host copy of the next tokens included, as the engine does per step)."""
+def _fake_decode_batch(engine, B: int, context: int):
+    """B sequences whose first `context` tokens are 'computed' and whose next token is known."""
+    from llm.engine import Request
+    from llm.sampling import SamplingParams
+    from llm.scheduler import Chunk, Sequence
+
+    chunks = []
+    for _ in range(B):
+        seq = Sequence(Request(list(range(10, 11 + context)), SamplingParams(max_tokens=1), lambda o: None))
+        seq.blocks = [engine.pool.allocate() for _ in range(-(-(context + 1) // engine.settings.block_size))]
+        seq.num_computed = context
+        chunks.append(Chunk(seq, context, 1, True))
+    return chunks
+
+
+def _release(engine, chunks) -> None:
+    for c in chunks:
+        engine.pool.release(c.seq.blocks)
+
+
+def decode_sweep(engine, batches: list[int], context: int, steps: int = 50) -> list[dict]:
+    """Decode-step latency at each batch size (greedy argmax and the host copy included)."""
     import torch
 
     out = []
     for B in batches:
-        assert B <= runner.num_slots, f"batch {B} > {runner.num_slots} slots"
-        tokens = torch.randint(10, runner.vocab_size, (B,))
-        pos = torch.full((B,), context, dtype=torch.long)
+        chunks = _fake_decode_batch(engine, B, context)
+        step = lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()  # noqa: E731
         for _ in range(5):
-            runner.decode(tokens, pos, context).argmax(-1).tolist()
+            step()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
-            nxt = runner.decode(tokens, pos, context).argmax(-1).tolist()
+            step()
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / steps
-        assert len(nxt) == B
+        _release(engine, chunks)
         out.append({"batch": B, "context": context, "step_s": dt, "tokens_per_s": B / dt})
     return out
 
 
-def profile_decode(runner, B: int, context: int, steps: int = 10, top: int = 15) -> dict:
+def profile_decode(engine, B: int, context: int, steps: int = 10, top: int = 15) -> dict:
     """Top CUDA kernels and CPU ops of `steps` decode steps (as tables)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    tokens = torch.randint(10, runner.vocab_size, (B,))
-    pos = torch.full((B,), context, dtype=torch.long)
+    chunks = _fake_decode_batch(engine, B, context)
     for _ in range(3):
-        runner.decode(tokens, pos, context).argmax(-1).tolist()
+        engine.runner.forward(chunks, None)[0].argmax(-1).tolist()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            runner.decode(tokens, pos, context).argmax(-1).tolist()
+            engine.runner.forward(chunks, None)[0].argmax(-1).tolist()
         torch.cuda.synchronize()
+    _release(engine, chunks)
     ka = prof.key_averages()
-    return {
-        "batch": B, "context": context, "steps": steps,
-        "cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
-        "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60),
-    }
-
-
-def profile_prefill(runner, isl: int, chunk: int, repeats: int = 5, top: int = 15) -> dict:
-    """One prompt of `isl` tokens prefilled in chunks of `chunk` (as the engine's prefill_chunk does):
-    wall time per prompt (median of repeats) and the profiler tables of one prefill."""
-    import statistics
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    ids = torch.randint(10, runner.vocab_size, (1, isl))
-    rows = torch.tensor([0])
-
-    def once():
-        for start in range(0, isl, chunk):
-            n = min(chunk, isl - start)
-            pos = torch.arange(start, start + n)[None]
-            logits = runner.prefill(ids[:, start:start + n], pos, rows, torch.tensor([n - 1]))
-        return logits.argmax(-1).tolist()
-
-    once()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        once()
-        torch.cuda.synchronize()
-    ka = prof.key_averages()
-    return {"isl": isl, "chunk": chunk, "prefill_s": statistics.median(times),
+    return {"batch": B, "context": context, "steps": steps,
             "cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
             "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
 
 
-def engine_run(engine, isl: int, osl: int, concurrency: int, seed: int = 0) -> dict:
-    """`concurrency` streaming requests of isl random token ids, ignore_eos, exactly osl tokens."""
-    from llm.bench import per_token_gaps, run_streams
+def per_token_gaps(stamps: list[list[float]], cum: list[list[int]]) -> list[float]:
+    """Inter-token latencies: a response carrying k new tokens after a gap g counts k gaps of g/k
+    (responses are coalesced every stream_interval tokens)."""
+    return [(tb - ta) / (cb - ca) for s, c in zip(stamps, cum) for ta, tb, ca, cb in zip(s, s[1:], c, c[1:])
+            for _ in range(cb - ca) if cb > ca]
+
+
+def _run(engine, requests: list[tuple[list[int], int]], concurrency: int, timeout_s: float = 900.0) -> list[dict]:
+    """Closed loop: `concurrency` requests in flight, each finished one replaced at once. The engine's
+    background thread must be running. -> per request {t0, stamps, cum, error}."""
+    from llm.engine import Request
     from llm.sampling import SamplingParams
 
-    prompts = random_prompts(concurrency, isl, engine.runner.vocab_size, seed=seed + concurrency)
-    params = SamplingParams(max_tokens=osl, ignore_eos=True, min_tokens=osl)
-    t0, stamps, cum = run_streams(engine, prompts, params)
-    span = time.perf_counter() - t0
-    ttft = [s[0] - t0 for s in stamps if s]
-    itl = per_token_gaps(stamps, cum)
-    tokens = sum(c[-1] for c in cum)
-    assert tokens == osl * concurrency, f"{tokens} tokens, expected {osl * concurrency}"
-    return {"engine": "ours-inproc", "isl": isl, "osl": osl, "concurrency": concurrency, "output_tokens": tokens,
-            "span_s": span, "tokens_per_s": tokens / span,
+    n = len(requests)
+    out: list[dict] = [{} for _ in range(n)]
+    lock, done, nxt, left = threading.Lock(), threading.Event(), [0], [n]
+
+    def submit(i: int) -> None:
+        ids, osl = requests[i]
+        r = out[i] = {"t0": time.perf_counter(), "stamps": [], "cum": [], "error": None}
+
+        def emit(o) -> None:  # on the engine thread: never block
+            r["stamps"].append(time.perf_counter())
+            r["cum"].append(o.num_output_tokens)
+            if o.finished:
+                r["error"] = o.error
+                with lock:
+                    j, nxt[0] = nxt[0], nxt[0] + 1
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+                if j < n:
+                    submit(j)
+
+        req = Request(ids, SamplingParams(max_tokens=osl, min_tokens=osl, ignore_eos=True), emit, arrival=r["t0"])
+        req.bounded = False
+        engine.submit(req)
+
+    with lock:
+        first, nxt[0] = min(concurrency, n), min(concurrency, n)
+    for i in range(first):
+        submit(i)
+    assert done.wait(timeout_s), f"closed loop timed out after {timeout_s} s"
+    return out
+
+
+def closed_loop(engine, workload, concurrency: int, n_requests: int | None = None, seed: int = 0) -> dict:
+    """One level: a warm-up wave of `concurrency` requests, then n_requests (default 4 x concurrency)."""
+    import torch
+
+    n = n_requests or requests_for(concurrency)
+    vocab = engine.runner.vocab_size
+    g = torch.Generator().manual_seed(seed + concurrency)
+    # Prompts longer than the model's context leave room for their output (only the tiny CPU model).
+    reqs = [(torch.randint(10, vocab, (min(isl, engine.max_context - osl - 1),), generator=g).tolist(), osl)
+            for isl, osl in lengths(workload, n + concurrency)]
+    _run(engine, reqs[:concurrency], concurrency)  # warm-up wave (not measured)
+    st0 = engine.step_stats()
+    rs = _run(engine, reqs[concurrency:], concurrency)
+    st1 = engine.step_stats()
+    assert all(r["error"] is None for r in rs), [r["error"] for r in rs if r["error"]][:3]
+    start, end = min(r["t0"] for r in rs), max(r["stamps"][-1] for r in rs)
+    ttft = [r["stamps"][0] - r["t0"] for r in rs]
+    itl = per_token_gaps([r["stamps"] for r in rs], [r["cum"] for r in rs])
+    tokens = sum(r["cum"][-1] for r in rs)
+    assert tokens == sum(osl for _, osl in reqs[concurrency:]), "a request produced the wrong number of tokens"
+    steps = st1["steps"] - st0["steps"]
+    return {"engine": "ours-inproc", "workload": "chat" if workload == "chat" else f"{workload[0]}:{workload[1]}",
+            "concurrency": concurrency, "requests": n, "output_tokens": tokens, "span_s": end - start,
+            "tokens_per_s": tokens / (end - start),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99)}
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "steps": steps, "host_ms_per_step": 1e3 * (st1["host_s"] - st0["host_s"]) / max(1, steps),
+            "preemptions": engine.scheduler.preemptions}
+
+
+def idle_ttft(engine, isl: int, n: int = 20) -> dict:
+    """TTFT of single requests on an idle engine (median of n)."""
+    rs = []
+    for i in range(n):
+        import torch
+
+        ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=torch.Generator().manual_seed(i)).tolist()
+        r = _run(engine, [(ids, 1)], 1)[0]
+        rs.append(r["stamps"][0] - r["t0"])
+    return {"isl": isl, "n": n, "ttft_p50_s": percentile(rs, 50), "ttft_min_s": min(rs)}
 
 
 def main(argv: list[str] | None = None) -> None:
+    from export.random_llm import SHAPES
+    from llm.settings import parse_overrides
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--max-context", type=int, default=2048 + 256 + 64)
-    ap.add_argument("--profile", type=int, nargs="*", default=[])
-    ap.add_argument("--prefill", type=int, nargs="*", default=[], help="prompt lengths to time/profile prefill at")
-    ap.add_argument("--prefill-chunk", type=int, default=512)
-    ap.add_argument("--compile", action="store_true", help="EngineSettings.compile: torch.compile the decode step")
-    ap.add_argument("--kv-len-min", type=int, default=256, help="smallest KV-length bucket (fewer buckets: fewer compiles)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64], help="decode sweep batch sizes")
+    ap.add_argument("--context", type=int, default=256, help="decode sweep position")
+    ap.add_argument("--profile", type=int, nargs="*", default=[], help="batch sizes to profile")
+    ap.add_argument("--workload", nargs="*", default=[], help="closed-loop workloads: ISL:OSL or chat")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--idle-ttft", type=int, nargs="*", default=[], help="prompt lengths for idle TTFT")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting (llm/settings.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    from export.llm import SHAPE_SETTINGS
+
+    settings = {**SHAPE_SETTINGS.get(args.shape, {}), **parse_overrides(args.set)}
     t0 = time.perf_counter()
-    runner = build_runner(SHAPES[args.shape], max(args.batches), args.max_context, compile=args.compile,
-                          kv_len_min=args.kv_len_min)
-    print(json.dumps({"build_s": time.perf_counter() - t0, "compile": args.compile}), flush=True)
-    out = {"shape": args.shape, "compile": args.compile, "build_s": time.perf_counter() - t0,
-           "decode": decode_sweep(runner, args.batches, args.context)}
-    for r in out["decode"]:
-        print(json.dumps(r), flush=True)
-    out["profiles"] = [profile_decode(runner, B, args.context) for B in args.profile]
-    out["prefill"] = [profile_prefill(runner, n, args.prefill_chunk) for n in args.prefill]
-    for p in out["prefill"]:
-        print(json.dumps({k: p[k] for k in ("isl", "chunk", "prefill_s")}), flush=True)
-        print(p["cuda_table"])
-        print(p["cpu_table"])
-    for p in out["profiles"]:
-        print(p["cuda_table"])
+    engine = random_engine(args.shape, args.device, **settings)
+    out = {"shape": args.shape, "settings": engine.settings.to_parameters(), "build_s": time.perf_counter() - t0,
+           "attention": engine.runner.attention_impl, "kv_blocks": engine.pool.usable}
+    print(json.dumps(out), flush=True)
+    if args.device.startswith("cuda"):
+        out["decode"] = decode_sweep(engine, [b for b in args.batches if b <= engine.settings.max_seqs], args.context)
+        for r in out["decode"]:
+            print(json.dumps(r), flush=True)
+        out["profiles"] = [profile_decode(engine, B, args.context) for B in args.profile]
+        for p in out["profiles"]:
+            print(p["cuda_table"], p["cpu_table"], sep="\n", flush=True)
+    engine.start()
+    try:
+        out["levels"] = []
+        for w in map(parse_workload, args.workload):
+            for c in args.concurrency:
+                r = closed_loop(engine, w, c)
+                print(json.dumps(r), flush=True)
+                out["levels"].append(r)
+        out["idle_ttft"] = [idle_ttft(engine, isl) for isl in args.idle_ttft]
+        for r in out["idle_ttft"]:
+            print(json.dumps(r), flush=True)
+    finally:
+        engine.stop()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import subprocess
@@ -29,22 +30,28 @@ from pathlib import Path
 import numpy as np
 
 from bench.baseline_hf import percentile
+from bench.workloads import lengths, parse_workload, requests_for
 
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
-DEFAULT_WORKLOADS = ("128:256", "2048:256")
+DEFAULT_WORKLOADS = ("128:256", "2048:256", "chat")
+IDLE_TTFT_ISL = (128, 2048)
+IDLE_TTFT_SAMPLES = 20
 PROMPT_UNIT = " The quick brown fox jumps over the lazy dog."
+_PROMPT_IDS = itertools.count()
 
 
 # ---------------------------------------------------------------------------------------------- prompts
 
 def make_prompts(tokenizer, n: int, isl: int) -> list[str]:
-    """n distinct prompts of exactly `isl` tokens (with the tokenizer's special tokens), checked."""
+    """n prompts of exactly `isl` tokens (with the tokenizer's special tokens), checked. Every prompt
+    of a run starts differently (a run-wide counter), so the prefix cache never serves one from
+    another: a benchmark measures prefill, not cache hits."""
     special = len(tokenizer("x")["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
     body = isl - special
     assert body >= 4, f"isl {isl} too small"
     prompts = []
     for i in range(n):
-        text = f"{i}:" + PROMPT_UNIT * (body // 4 + 8)
+        text = f"{next(_PROMPT_IDS)}:" + PROMPT_UNIT * (body // 4 + 8)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:body]
         t = tokenizer.decode(ids)
         # A decode/encode round trip can merge across the cut: trim until the count is exact.
@@ -149,21 +156,23 @@ async def _one_request(client, model: str, prompt: str, osl: int, rid: str, batc
             "input_tokens": n_in}
 
 
-async def _level(url: str, model: str, prompts: list[str], osl: int, concurrency: int) -> dict:
-    """Closed loop: `concurrency` workers, each sending its share of `prompts` one after another."""
+async def _level(url: str, model: str, prompts: list[str], osl: int | list[int], concurrency: int) -> dict:
+    """Closed loop: `concurrency` workers, each sending the next of `prompts` as soon as its previous
+    request has finished. osl: per request (a list) or for all."""
     import tritonclient.grpc.aio as grpcclient
 
     clients = [grpcclient.InferenceServerClient(url) for _ in range(min(concurrency, 16))]
     config = await clients[0].get_model_config(model, as_json=True)
     batch_dim = int(config["config"].get("max_batch_size", 0)) > 0
-    queue = list(enumerate(prompts))
+    osls = osl if isinstance(osl, list) else [osl] * len(prompts)
+    queue = list(enumerate(zip(prompts, osls)))
     results = []
 
     async def worker(w):
         client = clients[w % len(clients)]
         while queue:
-            i, p = queue.pop(0)
-            results.append(await _one_request(client, model, p, osl, f"w{w}-{i}", batch_dim))
+            i, (p, o) = queue.pop(0)
+            results.append(await _one_request(client, model, p, o, f"w{w}-{i}", batch_dim))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -181,20 +190,11 @@ async def _level(url: str, model: str, prompts: list[str], osl: int, concurrency
             "input_tokens_mean": float(np.mean([r["input_tokens"] or 0 for r in results]))}
 
 
-def drive(url: str, model: str, prompts: list[str], osl: int, concurrency: int) -> dict:
+def drive(url: str, model: str, prompts: list[str], osl: int | list[int], concurrency: int) -> dict:
     return asyncio.run(_level(url, model, prompts, osl, concurrency))
 
 
 # ---------------------------------------------------------------------------------------------- run
-
-def parse_workload(s: str) -> tuple[int, int]:
-    isl, osl = s.split(":")
-    return int(isl), int(osl)
-
-
-def requests_for(concurrency: int, min_requests: int) -> int:
-    return max(concurrency, min_requests)
-
 
 def versions() -> dict:
     import torch
@@ -215,12 +215,25 @@ def versions() -> dict:
     return v
 
 
-def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrency, min_requests: int,
-                      overrides: dict, log_dir: Path) -> dict:
-    """Export the model, start the server, run every workload x concurrency level through gRPC."""
+def level_prompts(tok, workload, n: int, settings) -> tuple[list[str], list[int]]:
+    """n prompts and output lengths of a workload (chat lengths clipped to the model's limits)."""
+    prompts, osls = [], []
+    for isl, osl in lengths(workload, n):
+        osl = min(osl, settings.max_tokens_cap)
+        isl = min(isl, settings.max_context - osl - 8)
+        prompts.append(make_prompts(tok, 1, isl)[0])
+        osls.append(osl)
+    return prompts, osls
+
+
+def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrency, overrides: dict,
+                      log_dir: Path) -> dict:
+    """Export the model, start the server, run every workload x concurrency level through gRPC:
+    per level a warm-up wave of `concurrency` requests, then a closed loop of requests_for(c)."""
     from transformers import AutoTokenizer
 
     from export import llm as export_llm
+    from llm.settings import EngineSettings
     from serve.launcher import ServerOptions, TritonServer, free_port
 
     name = shape.replace(".", "_").replace("-", "_")
@@ -228,73 +241,79 @@ def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrenc
     model_dir = export_llm.export(name=name, random_shape=shape, device=device, kind="gpu" if device == "cuda" else "cpu",
                                   repository=repo, **overrides)
     export_s = time.perf_counter() - t0
-    ckpt = model_dir / "1" / "checkpoint"
+    settings = EngineSettings.from_config(model_dir)
+    ckpt = Path(settings.checkpoint)
     tok = AutoTokenizer.from_pretrained(ckpt)
+    ctx = settings.max_context
     opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                          log_file=log_dir / f"tritonserver-{name}.log", ready_timeout_s=600)
-    out = {"shape": shape, "model": name, "export_s": export_s, "levels": []}
+    out = {"shape": shape, "model": name, "export_s": export_s, "settings": settings.to_parameters(), "levels": []}
     with GpuMemoryPoller() as mem:
         t0 = time.perf_counter()
         with TritonServer(opts) as server:
             out["server_ready_s"] = time.perf_counter() - t0
             idle = mem.read() if mem.available else None
             drive(server.grpc_url, name, make_prompts(tok, 2, 16), 8, 2)  # warm-up: first-request paths
-            for isl, osl in workloads:
+            for w in workloads:
+                label = w if w == "chat" else f"{w[0]}:{w[1]}"
                 for c in concurrency:
-                    prompts = make_prompts(tok, requests_for(c, min_requests), isl)
-                    r = drive(server.grpc_url, name, prompts, osl, c) | {"isl": isl, "osl": osl}
+                    warm, warm_osl = level_prompts(tok, w, c, settings)
+                    drive(server.grpc_url, name, warm, warm_osl, c)  # warm-up wave, not measured
+                    prompts, osls = level_prompts(tok, w, requests_for(c), settings)
+                    r = drive(server.grpc_url, name, prompts, osls, c) | {"workload": label}
+                    if w != "chat":
+                        r |= {"isl": w[0], "osl": w[1]}
                     print(json.dumps({"shape": shape, **r}), flush=True)
                     out["levels"].append(r)
-            # TTFT on an idle server: one request at a time, short output.
+            # TTFT on an idle server: single requests one after another, median of IDLE_TTFT_SAMPLES.
             out["ttft_idle"] = []
-            for isl, _ in workloads:
-                rs = [drive(server.grpc_url, name, make_prompts(tok, 1, isl), 1, 1) for _ in range(5)]
-                out["ttft_idle"].append({"isl": isl, "ttft_p50_s": float(np.median([r["ttft_p50_s"] for r in rs]))})
+            for isl in IDLE_TTFT_ISL:
+                ps = make_prompts(tok, IDLE_TTFT_SAMPLES, min(isl, ctx - 8))
+                ttfts = [drive(server.grpc_url, name, [p], 1, 1)["ttft_p50_s"] for p in ps]
+                out["ttft_idle"].append({"isl": isl, "n": len(ttfts), "ttft_p50_s": float(np.median(ttfts)),
+                                         "ttft_p99_s": percentile(ttfts, 99)})
+                print(json.dumps({"shape": shape, "ttft_idle": out["ttft_idle"][-1]}), flush=True)
             try:
                 import urllib.request
 
                 with urllib.request.urlopen(server.metrics_url, timeout=5) as f:
-                    out["metrics_sample"] = [l for l in f.read().decode().splitlines() if l.startswith("llm_")][:40]
+                    out["metrics_sample"] = [l for l in f.read().decode().splitlines() if l.startswith("llm_")][:60]
             except Exception as e:
                 out["metrics_sample"] = [repr(e)]
     out["gpu_mem_idle_mib"] = idle
     out["gpu_mem_peak_mib"] = mem.peak_mib if mem.available else None
-    out["checkpoint"] = str(ckpt)
+    out["model_dir"] = str(model_dir)
     return out
 
 
-def inproc_engine(ckpt: Path, shape: str, device: str, isl: int, osl: int, concurrency: int, overrides: dict,
-                  profile_batches=(1, 64)) -> dict:
-    """The same engine without Triton, same load; plus a profile of its decode steps."""
+def inproc_engine(model_dir: Path, device: str, workload, concurrency: int, profile_batches=(1, 64)) -> dict:
+    """The same engine and model without Triton, same load (the serving overhead), plus its decode
+    step sweep and profiles."""
     import torch
 
     from bench import engine_inproc
-    from export import llm as export_llm
     from llm.engine import Engine
     from llm.settings import EngineSettings
 
-    settings = EngineSettings(**{**export_llm.SHAPE_SETTINGS.get(shape, {}), **overrides, "checkpoint": str(ckpt)})
-    engine = Engine(settings, device="cuda:0" if device == "cuda" else device)
+    engine = Engine(EngineSettings.from_config(model_dir), device="cuda:0" if device == "cuda" else device)
+    out = {}
+    if device == "cuda":
+        ctx = 256
+        batches = [b for b in (1, 8, 32, 64) if b <= engine.settings.max_seqs]
+        out["decode_steps"] = engine_inproc.decode_sweep(engine, batches, ctx)
+        out["profiles"] = [engine_inproc.profile_decode(engine, b, ctx) for b in profile_batches if b in batches]
     engine.start()
     try:
-        engine_inproc.engine_run(engine, 16, 8, 2)  # warm-up
-        r = engine_inproc.engine_run(engine, isl, osl, concurrency)
-        r1 = engine_inproc.engine_run(engine, isl, osl, 1)
+        out["levels"] = [engine_inproc.closed_loop(engine, workload, c) for c in sorted({1, concurrency})]
     finally:
         engine.stop()
-    out = {"levels": [r1, r]}
-    if device == "cuda":
-        out["decode_steps"] = engine_inproc.decode_sweep(engine.runner, [b for b in (1, 8, 32, 64)
-                                                                         if b <= engine.runner.num_slots], isl + osl // 2)
-        out["profiles"] = [engine_inproc.profile_decode(engine.runner, b, isl + osl // 2)
-                           for b in profile_batches if b <= engine.runner.num_slots]
     del engine
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
-def run(shapes, device: str, workloads, concurrency, out_dir: Path, min_requests: int = 1, baseline: bool = True,
+def run(shapes, device: str, workloads, concurrency, out_dir: Path, baseline: bool = True,
         roofline_: bool = True, inproc: bool = True, overrides: dict | None = None) -> dict:
     from bench import baseline_hf, roofline
     from bench.shapes import SHAPES
@@ -302,7 +321,7 @@ def run(shapes, device: str, workloads, concurrency, out_dir: Path, min_requests
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
     result = {"versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "workloads": [f"{i}:{o}" for i, o in workloads], "concurrency": list(concurrency),
+              "workloads": [w if w == "chat" else f"{w[0]}:{w[1]}" for w in workloads], "concurrency": list(concurrency),
               "engine_overrides": {k: v for k, v in overrides.items()}, "shapes": {}}
     path = out_dir / "llm_bench.json"
 
@@ -317,16 +336,14 @@ def run(shapes, device: str, workloads, concurrency, out_dir: Path, min_requests
             r = result["shapes"].setdefault(shape, {})
             try:
                 r["triton"] = serve_and_measure(shape, Path(tmp) / "repo", device, workloads, concurrency,
-                                                min_requests, overrides, out_dir)
+                                                overrides, out_dir)
             except Exception as e:
                 r["triton_error"] = repr(e)
                 print(f"triton run failed for {shape}: {e!r}", flush=True)
             save()
             if inproc and "triton" in r:
                 try:
-                    isl, osl = workloads[0]
-                    r["inproc"] = inproc_engine(Path(r["triton"]["checkpoint"]), shape, device, isl, osl,
-                                                max(concurrency), overrides)
+                    r["inproc"] = inproc_engine(Path(r["triton"]["model_dir"]), device, workloads[0], max(concurrency))
                 except Exception as e:
                     r["inproc_error"] = repr(e)
                     print(f"in-process run failed for {shape}: {e!r}", flush=True)
@@ -337,6 +354,7 @@ def run(shapes, device: str, workloads, concurrency, out_dir: Path, min_requests
 
                     model = baseline_hf.random_model(SHAPES[shape])
                     r["hf_naive"] = baseline_hf.naive(model, *workloads[0])
+                    r["hf_static_compiled"] = baseline_hf.static_compiled(model, *workloads[0])
                     del model
                     torch.cuda.empty_cache()
                 except Exception as e:
@@ -357,27 +375,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", action="append", help="random-weight shape(s) from export/llm.py SHAPES")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_CONCURRENCY))
-    ap.add_argument("--workload", nargs="+", default=list(DEFAULT_WORKLOADS), help="ISL:OSL pairs")
-    ap.add_argument("--min-requests", type=int, default=1, help="requests per level at least (default: = concurrency)")
+    ap.add_argument("--workload", nargs="+", default=list(DEFAULT_WORKLOADS), help="ISL:OSL pairs, or chat (bench/workloads.py)")
     ap.add_argument("--out-dir", type=Path, default=Path("results/gpu"))
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-roofline", action="store_true")
     ap.add_argument("--no-inproc", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting override")
     a = ap.parse_args(argv)
-    from llm.settings import EngineSettings
+    from llm.settings import parse_overrides
 
-    overrides = dict(kv.split("=", 1) for kv in a.set)
-    if overrides:
-        parsed = EngineSettings.from_parameters(overrides)
-        overrides = {k: getattr(parsed, k) for k in overrides}
+    overrides = parse_overrides(a.set)
     shapes = a.shape or (["tinyllama-1.1b", "llama-3.1-8b"] if a.device == "cuda" else ["tiny"])
-    res = run(shapes, a.device, [parse_workload(w) for w in a.workload], a.concurrency, a.out_dir, a.min_requests,
+    res = run(shapes, a.device, [parse_workload(w) for w in a.workload], a.concurrency, a.out_dir,
               not a.no_baseline, not a.no_roofline, not a.no_inproc, overrides)
     print(f"wrote {a.out_dir / 'llm_bench.json'}")
     for shape, r in res["shapes"].items():
         for lv in r.get("triton", {}).get("levels", []):
-            print(f"{shape:16s} {lv['isl']:5d}/{lv['osl']:<4d} c={lv['concurrency']:<3d} {lv['tokens_per_s']:9.1f} tok/s "
+            print(f"{shape:16s} {lv['workload']:>9s} c={lv['concurrency']:<3d} {lv['tokens_per_s']:9.1f} tok/s "
                   f"TTFT p50 {lv['ttft_p50_s'] * 1e3:7.1f} ms  ITL p50 {lv['itl_p50_s'] * 1e3:6.2f} p99 {lv['itl_p99_s'] * 1e3:6.2f} ms")
 
 

@@ -1,7 +1,7 @@
 """Benchmark model shapes: random-weight Llama-family models shaped like public checkpoints.
 
 Speed does not depend on weight values, so benchmarks build these with random weights on the device
-(nothing downloaded, nothing carried). The numbers live in export/llm.py (SHAPES).
+(nothing downloaded, nothing carried). The numbers live once, in export/random_llm.py (SHAPES).
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ class LlamaShape:
 
 
 def from_export(name: str) -> LlamaShape:
-    """The benchmark shape as export/llm.py writes it (its SHAPES table is the one definition)."""
-    from export.llm import SHAPES as HF_KWARGS
+    """The benchmark shape as export/random_llm.py defines it (its SHAPES table is the one definition)."""
+    from export.random_llm import SHAPES as HF_KWARGS
 
     kw = HF_KWARGS[name]
     return LlamaShape(

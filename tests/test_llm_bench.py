@@ -1,9 +1,10 @@
-"""The in-process benchmark core shared by `python -m llm.bench` and bench/engine_inproc.py."""
+"""The in-process benchmark (bench/engine_inproc.py) and the workloads (bench/workloads.py)."""
 from __future__ import annotations
 
 import pytest
 
-from llm.bench import bench, per_token_gaps
+from bench.engine_inproc import closed_loop, idle_ttft, per_token_gaps
+from bench.workloads import chat_lengths, lengths, parse_workload, requests_for
 from llm.engine import Engine
 from llm.settings import EngineSettings
 from serve.paths import MODEL_REPOSITORY
@@ -14,16 +15,36 @@ def test_coalesced_responses_count_one_gap_per_token():
     assert per_token_gaps([[0.0, 0.8, 0.9]], [[1, 5, 5]]) == pytest.approx([0.2] * 4)
 
 
-@pytest.mark.parametrize("started", [False, True])
-def test_bench_generates_exactly_osl_tokens_per_stream(started):
+def test_chat_workload_is_seeded_and_shaped_like_chat():
+    a, b = chat_lengths(500), chat_lengths(500)
+    assert a == b and chat_lengths(500, seed=1) != a
+    isl = sorted(i for i, _ in a)
+    osl = sorted(o for _, o in a)
+    assert 150 < isl[250] < 400 and isl[-1] <= 2048 and isl[0] >= 16  # median ~256, long tail
+    assert 80 < osl[250] < 200 and osl[-1] <= 512
+    assert parse_workload("128:256") == (128, 256) and lengths((128, 256), 3) == [(128, 256)] * 3
+    assert requests_for(64) == 256 and requests_for(1) == 16
+
+
+@pytest.fixture(scope="module")
+def engine():
     checkpoint = MODEL_REPOSITORY / "tiny_llama" / "1" / "checkpoint"
-    engine = Engine(EngineSettings.from_parameters({"stream_interval": "3"}, checkpoint=str(checkpoint)), device="cpu")
-    if started:
-        engine.start()
-    try:
-        r = bench(engine, concurrency=3, isl=6, osl=7)
-    finally:
-        if started:
-            engine.stop()
-    assert r["output_tokens"] == 21 and r["output_tokens_per_s"] > 0
-    assert r["itl_p50_ms"] > 0 and r["ttft_p50_ms"] > 0
+    e = Engine(EngineSettings(checkpoint=str(checkpoint), max_seqs=4, step_token_budget=64, stream_interval=3,
+                              cpu_threads=1), device="cpu")
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.mark.parametrize("workload", [(6, 7), "chat"])
+def test_closed_loop_generates_exactly_the_requested_tokens(engine, workload):
+    r = closed_loop(engine, workload, concurrency=3, n_requests=9)
+    expected = sum(o for _, o in lengths(workload, 9 + 3)[3:])
+    assert r["requests"] == 9 and r["output_tokens"] == expected and r["tokens_per_s"] > 0
+    assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
+    assert r["steps"] > 0 and r["host_ms_per_step"] > 0
+
+
+def test_idle_ttft_is_a_median_of_single_requests(engine):
+    r = idle_ttft(engine, 12, n=5)
+    assert r["n"] == 5 and 0 < r["ttft_min_s"] <= r["ttft_p50_s"]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.llm import write_random_checkpoint
-from llm.engine import Engine, Metrics, _held_back
-from llm.kv_cache import slots_within_budget
+from export.random_llm import write_random_checkpoint
+from llm.engine import Engine, Metrics
+from llm.kv_cache import BlockPool
 from llm.sampling import SamplingParams
-from llm.settings import EngineSettings
+from llm.settings import EngineSettings, parse_overrides
+from llm.text_stream import held_back
 
 PROMPTS = [
     "Hello world",
     "Once upon a time, there was a small model that wanted to generate text",
-    "What is machine learning? " * 12,  # ~100 tokens: chunked prefill with prefill_chunk=32
+    "What is machine learning? " * 12,  # ~100 tokens: chunked prefill with step_token_budget=32
     "a",
     "Ünïcödé 🙂 中文",
     "def main(): print(0)",
@@ -48,8 +49,8 @@ def make_engine(checkpoint, **kw) -> Engine:
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    # Few slots and small prefill chunks: requests wait, prefill is chunked and batched.
-    return make_engine(checkpoint, max_slots=4, max_context=256, prefill_chunk=32, max_prefill_batch=3)
+    # Few sequences and a small step budget: requests wait, prefill is chunked and mixed with decode.
+    return make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=32)
 
 
 def test_greedy_matches_transformers(engine, reference):
@@ -60,13 +61,12 @@ def test_greedy_matches_transformers(engine, reference):
         assert r["text"] == text, p
         assert r["num_output_tokens"] == len(ids)
         assert r["finish_reason"] == ("stop" if len(ids) < MAX_TOKENS else "length")
-    assert engine.runner.cache.num_free == engine.runner.num_slots  # every slot returned
+    assert engine.pool.num_free == engine.pool.usable and not engine.running  # every block returned
 
 
-@pytest.mark.parametrize("slots,overlap", [(1, True), (16, True), (3, False)])
-def test_greedy_independent_of_batching(checkpoint, reference, slots, overlap):
-    e = make_engine(checkpoint, max_slots=slots, max_context=256, prefill_chunk=512, max_prefill_batch=8,
-                    overlap=overlap)
+@pytest.mark.parametrize("seqs,budget,overlap", [(1, 8, True), (16, 512, True), (3, 16, False)])
+def test_greedy_independent_of_batching(checkpoint, reference, seqs, budget, overlap):
+    e = make_engine(checkpoint, max_seqs=seqs, max_context=256, step_token_budget=budget, overlap=overlap)
     results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
     assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
 
@@ -82,9 +82,9 @@ def test_stream_concatenation_equals_whole_text(engine):
 
 
 def test_stream_interval_coalesces(checkpoint):
-    e = make_engine(checkpoint, max_slots=2, max_context=256, stream_interval=4)
+    e = make_engine(checkpoint, max_seqs=2, max_context=256, stream_interval=4)
     r = e.generate(["Hello world"], SamplingParams(max_tokens=16, ignore_eos=True), stream=True)[0]
-    per_token = make_engine(checkpoint, max_slots=2, max_context=256).generate(
+    per_token = make_engine(checkpoint, max_seqs=2, max_context=256).generate(
         ["Hello world"], SamplingParams(max_tokens=16, ignore_eos=True), stream=True)[0]
     assert r["text"] == per_token["text"]
     assert len(r["chunks"]) <= 16 // 4 + 1 < len(per_token["chunks"])
@@ -93,14 +93,14 @@ def test_stream_interval_coalesces(checkpoint):
 def test_first_streamed_response_is_not_coalesced(checkpoint):
     # TTFT: with stream_interval=8 the first response still carries only the first token; the
     # following ones carry 8 tokens each, the final one the rest.
-    e = make_engine(checkpoint, max_slots=2, max_context=256, stream_interval=8)
+    e = make_engine(checkpoint, max_seqs=2, max_context=256, stream_interval=8)
     outs = []
     e.submit(e.make_request("Hello world", SamplingParams(max_tokens=20, ignore_eos=True), outs.append))
     while not (outs and outs[-1].finished):
         e.step()
     assert outs[0].text != "" and not outs[0].finished
     assert [o.num_output_tokens for o in outs] == [1, 9, 17, 20]
-    per_token = make_engine(checkpoint, max_slots=2, max_context=256).generate(
+    per_token = make_engine(checkpoint, max_seqs=2, max_context=256).generate(
         ["Hello world"], SamplingParams(max_tokens=20, ignore_eos=True), stream=True)[0]
     assert outs[0].text == per_token["chunks"][0]
     assert "".join(o.text for o in outs) == per_token["text"]
@@ -122,7 +122,7 @@ def test_token_counter_complete_at_finish(checkpoint, overlap):
     # Every generated token is counted (the first decode after an idle engine too), and the count
     # is complete when finished() is called, i.e. before the final response is emitted.
     m = CountingMetrics()
-    e = Engine(EngineSettings(checkpoint=str(checkpoint), cpu_threads=1, max_slots=4, max_context=256,
+    e = Engine(EngineSettings(checkpoint=str(checkpoint), cpu_threads=1, max_seqs=4, max_context=256,
                               overlap=overlap), metrics=m)
     for n in (8, 1):
         r = e.generate(["Hello world"], SamplingParams(max_tokens=n, ignore_eos=True))[0]
@@ -167,7 +167,7 @@ def test_stop_word_cut_exactly(engine, reference, stream):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_max_tokens_and_context_limit(checkpoint, overlap):
-    e = make_engine(checkpoint, max_slots=2, max_context=40, max_tokens_cap=100, overlap=overlap)
+    e = make_engine(checkpoint, max_seqs=2, max_context=40, max_tokens_cap=100, overlap=overlap)
     r = e.generate(["Hello world"], SamplingParams(max_tokens=7, ignore_eos=True))[0]
     assert (r["num_output_tokens"], r["finish_reason"]) == (7, "length")
     r = e.generate(["Hello world"], SamplingParams(max_tokens=100, ignore_eos=True))[0]
@@ -176,7 +176,7 @@ def test_max_tokens_and_context_limit(checkpoint, overlap):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_cancellation_frees_the_slot(checkpoint, overlap):
-    e = make_engine(checkpoint, max_slots=1, max_context=256, overlap=overlap)
+    e = make_engine(checkpoint, max_seqs=1, max_context=256, overlap=overlap)
     seen = []
     cancelled = lambda: len(seen) >= 3  # noqa: E731 - the client goes away after 3 responses
     req = e.make_request("Hello", SamplingParams(max_tokens=200, ignore_eos=True), seen.append, is_cancelled=cancelled)
@@ -187,11 +187,11 @@ def test_cancellation_frees_the_slot(checkpoint, overlap):
         e.step()
     assert seen[-1].finished and seen[-1].finish_reason == "cancelled" and seen[-1].num_output_tokens < 10
     assert follow[-1].finished and follow[-1].num_output_tokens == 5  # it got the only slot
-    assert e.runner.cache.num_free == 1 and not e.running and not e.waiting
+    assert e.pool.num_free == e.pool.usable and not e.running and not e.waiting
 
 
 def test_failing_request_does_not_stop_others(checkpoint):
-    e = make_engine(checkpoint, max_slots=4, max_context=256)
+    e = make_engine(checkpoint, max_seqs=4, max_context=256)
     good = []
 
     def broken(o):
@@ -202,11 +202,11 @@ def test_failing_request_does_not_stop_others(checkpoint):
     for _ in range(20):
         e.step()
     assert good[-1].finished and good[-1].num_output_tokens == 8
-    assert e.runner.cache.num_free == 4
+    assert e.pool.num_free == e.pool.usable
 
 
 def test_background_thread(checkpoint, reference):
-    e = make_engine(checkpoint, max_slots=4, max_context=256)
+    e = make_engine(checkpoint, max_seqs=4, max_context=256)
     e.start()
     try:
         r = e.generate(PROMPTS[:3], SamplingParams(max_tokens=MAX_TOKENS))
@@ -236,24 +236,34 @@ def test_prompt_over_context_limit(engine):
 
 
 def test_held_back_prefix_of_stop_word():
-    assert _held_back("abc", ("cde",)) == 1
-    assert _held_back("abcd", ("cde", "bcdx")) == 3
-    assert _held_back("abc", ("xyz",)) == 0
-    assert _held_back("abc", ()) == 0
+    assert held_back("abc", ("cde",)) == 1
+    assert held_back("abcd", ("cde", "bcdx")) == 3
+    assert held_back("abc", ("xyz",)) == 0
+    assert held_back("abc", ()) == 0
 
 
-def test_kv_budget_limits_slots():
-    assert slots_within_budget(64, 0, 2**20) == 64
-    assert slots_within_budget(64, 10, 2**20) == 10
-    with pytest.raises(AssertionError, match="holds no slot"):
-        slots_within_budget(64, 0.5, 2**20)
-
-
-def test_settings_round_trip_and_unknown_key():
-    s = EngineSettings(max_slots=3, cuda_graphs=False, metrics_interval_s=0.5)
+def test_settings_round_trip_and_errors_name_the_key():
+    s = EngineSettings(max_seqs=3, cuda_graphs=False, metrics_interval_s=0.5)
     assert EngineSettings.from_parameters(s.to_parameters()) == s
-    with pytest.raises(AssertionError, match="unknown engine parameters"):
-        EngineSettings.from_parameters({"max_slot": "3"})
+    with pytest.raises(ValueError, match="unknown engine parameters"):
+        EngineSettings.from_parameters({"max_seq": "3"})
+    with pytest.raises(ValueError, match="block_size"):
+        EngineSettings(block_size=12)
+    with pytest.raises(ValueError, match="step_token_budget"):
+        EngineSettings(max_seqs=64, step_token_budget=32)
+    with pytest.raises(ValueError, match="cuda_graphs='maybe'"):
+        EngineSettings.from_parameters({"cuda_graphs": "maybe"})
+    assert parse_overrides(["max_seqs=8", "overlap=false"]) == {"max_seqs": 8, "overlap": False}
+    with pytest.raises(ValueError, match="--set max_slots: unknown engine setting"):
+        parse_overrides(["max_slots=8"])
+
+
+def test_settings_from_config_resolves_the_checkpoint(tmp_path):
+    from export.llm import export_default
+
+    model_dir = export_default(repository=tmp_path)
+    s = EngineSettings.from_config(model_dir)
+    assert s.checkpoint == str(model_dir / "1" / "checkpoint") and s.max_seqs == 32
 
 
 def test_tiny_checkpoint_tokenizer_matches_model(checkpoint):
@@ -283,15 +293,18 @@ def test_export_layout_and_up_to_date(tmp_path):
 
     model_dir = export_default(repository=tmp_path)
     config = pbtxt.read(model_dir)
-    assert config.backend == "python" and config.model_transaction_policy.decoupled
+    assert config.backend == "llm" and config.model_transaction_policy.decoupled
     params = {k: v.string_value for k, v in config.parameters.items()}
     settings = EngineSettings.from_parameters(params)  # every parameter is a known engine setting
-    assert (settings.max_slots, settings.max_context) == (32, 512)
+    assert (settings.max_seqs, settings.max_context) == (32, 512)
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["checkpoint"]  # the engine is the backend
     for rel in params["required_artifacts"].split(","):
         assert (model_dir / rel).exists(), rel
     assert is_up_to_date(model_dir, config)
-    (model_dir / "1" / "llm" / "engine.py").write_text("# stale copy\n")
+    (model_dir / "1" / "llm").mkdir()  # a stale engine copy of an older export
     assert not is_up_to_date(model_dir, config)
+    export_default(repository=tmp_path)
+    assert not (model_dir / "1" / "llm").exists() and is_up_to_date(model_dir, config)
     assert model_dir.name == DEFAULT_NAME
 
 
@@ -299,7 +312,7 @@ def _random_hf_checkpoint(out, arch: str):
     """A tiny HF model of another family (random, well-spread logits) with the tiny tokenizer."""
     import transformers
 
-    from export.llm import SHAPES, build_tokenizer
+    from export.random_llm import SHAPES, build_tokenizer
 
     base = {k: v for k, v in SHAPES["tiny"].items() if k != "rope_theta"}
     config = getattr(transformers, f"{arch}Config")(**base, architectures=[f"{arch}ForCausalLM"])
@@ -322,7 +335,7 @@ def test_other_families_match_transformers(tmp_path, arch):
 
     hf = _random_hf_checkpoint(tmp_path, arch)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    e = make_engine(tmp_path, max_slots=4, max_context=256, prefill_chunk=16)
+    e = make_engine(tmp_path, max_seqs=4, max_context=256, step_token_budget=16)
     results = e.generate(PROMPTS[:4], SamplingParams(max_tokens=12))
     for p, r in zip(PROMPTS[:4], results):
         ids = tok(p, return_tensors="pt")
@@ -332,17 +345,18 @@ def test_other_families_match_transformers(tmp_path, arch):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_eos_min_tokens_ignore_eos(checkpoint, overlap):
-    e = make_engine(checkpoint, max_slots=4, max_context=256, overlap=overlap)
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, overlap=overlap)
     eos = e.eos_ids[0]
 
-    def eos_always(fn):  # the model now always prefers EOS
-        def wrapped(*a, **kw):
-            logits = fn(*a, **kw).clone()
-            logits[:, eos] = 1e4
-            return logits
-        return wrapped
+    forward = e.runner.forward
 
-    e.runner.prefill, e.runner.decode = eos_always(e.runner.prefill), eos_always(e.runner.decode)
+    def eos_always(*a, **kw):  # the model now always prefers EOS
+        logits, sampled = forward(*a, **kw)
+        logits = logits.clone()
+        logits[:, eos] = 1e4
+        return logits, sampled
+
+    e.runner.forward = eos_always
     r = e.generate(["Hello"] * 3, [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, min_tokens=5),
                                    SamplingParams(max_tokens=10, ignore_eos=True)])
     assert [(x["num_output_tokens"], x["finish_reason"]) for x in r] == [(1, "stop"), (6, "stop"), (10, "length")]
@@ -352,7 +366,7 @@ def test_eos_min_tokens_ignore_eos(checkpoint, overlap):
 def test_waiting_list_is_bounded_and_refusals_are_overloaded(checkpoint):
     """Bounded admission: past max_waiting a request is refused at once as retryable overload; every
     request gets exactly one final response; those admitted complete."""
-    e = make_engine(checkpoint, max_slots=2, max_context=256, max_waiting=3)
+    e = make_engine(checkpoint, max_seqs=2, max_context=256, max_waiting=3)
     outs = [[] for _ in range(8)]
     for o in outs:
         e.submit(e.make_request("Hello", SamplingParams(max_tokens=4, ignore_eos=True), o.append))
@@ -367,7 +381,7 @@ def test_waiting_list_is_bounded_and_refusals_are_overloaded(checkpoint):
 
 
 def test_queue_time_is_bounded(checkpoint):
-    e = make_engine(checkpoint, max_slots=1, max_context=256, max_queue_time_s=0.05)
+    e = make_engine(checkpoint, max_seqs=1, max_context=256, max_queue_time_s=0.05)
     first, second = [], []
     e.submit(e.make_request("Hello", SamplingParams(max_tokens=200, ignore_eos=True), first.append))
     e.step()
@@ -384,7 +398,7 @@ def test_queue_time_is_bounded(checkpoint):
 @pytest.mark.parametrize("kind", ["error", "oom"])
 def test_injected_fault_fails_its_batch_only(checkpoint, monkeypatch, kind):
     monkeypatch.setenv("LLM_FAULT_INJECTION", f"__boom__={kind}")
-    e = make_engine(checkpoint, max_slots=4, max_context=256)
+    e = make_engine(checkpoint, max_seqs=4, max_context=256)
     good, bad = [], []
     e.submit(e.make_request("Hello", SamplingParams(max_tokens=6, ignore_eos=True), good.append))
     for _ in range(2):
@@ -398,4 +412,132 @@ def test_injected_fault_fails_its_batch_only(checkpoint, monkeypatch, kind):
     e.submit(e.make_request("Hello", SamplingParams(max_tokens=3, ignore_eos=True), after.append))
     for _ in range(10):
         e.step()
-    assert after[-1].num_output_tokens == 3 and e.runner.cache.num_free == 4
+    assert after[-1].num_output_tokens == 3 and e.pool.num_free == e.pool.usable
+
+
+# ---- paged KV cache: block pool, prefix cache, preemption, mixed batches ----------------------------
+
+def test_block_pool_refcounts_prefix_cache_and_lru_eviction():
+    pool = BlockPool(num_blocks=5, block_size=2)  # block 0 reserved: 4 usable
+    a = [pool.allocate(), pool.allocate()]
+    assert 0 not in a and pool.num_free == 2
+    cid = pool.register(a[0], 0, [7, 8])
+    pool.register(a[1], cid, [9, 10])
+    pool.release(a)
+    assert pool.num_free == 4  # cached but evictable
+    hit, last = pool.lookup([7, 8, 9, 10, 11], max_tokens=4)
+    assert hit == a and last != 0 and pool.ref[a[0]] == 1
+    assert pool.lookup([7, 8, 9, 99], max_tokens=4)[0] == [a[0]]  # the second block differs
+    assert pool.lookup([1, 2], max_tokens=2)[0] == []
+    pool.release(hit)
+    pool.release([a[0]])
+    taken = [pool.allocate() for _ in range(4)]  # evicts the cached blocks (tail first)
+    assert sorted(taken) == [1, 2, 3, 4] and pool.lookup([7, 8, 9, 10], max_tokens=4)[0] == []
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.allocate()
+    # A key built on an evicted parent never matches again, even if the block id is reused.
+    pool.release(taken)
+    with pytest.raises(AssertionError, match="double release"):
+        pool.release([taken[0]])
+
+
+def test_no_prefix_cache_when_disabled():
+    pool = BlockPool(num_blocks=4, block_size=2, prefix_caching=False)
+    b = pool.allocate()
+    assert pool.register(b, 0, [1, 2]) == 0
+    pool.release([b])
+    assert pool.lookup([1, 2, 3], max_tokens=2)[0] == [] and pool.num_free == 3
+
+
+def _long_prompts():
+    return ["What is machine learning? " * 12, "Once upon a time, there was a small model " * 8,
+            "Hello world " * 30, "def main(): print(0) " * 15]
+
+
+@pytest.fixture(scope="module")
+def long_reference(checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = {}
+    for p in _long_prompts():
+        ids = tok(p, return_tensors="pt")
+        gen = hf.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        out[p] = tok.decode(gen, skip_special_tokens=True)
+    return out
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_preemption_when_blocks_run_out_keeps_outputs_exact(checkpoint, long_reference, prefix_caching, overlap):
+    # A pool of 70 blocks x 4 tokens holds fewer than two of these sequences (up to 161 tokens each):
+    # running sequences are preempted and recomputed, and no request fails for lack of KV.
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=32, block_size=4,
+                    kv_cache_budget_mb=70 * 2048 / 2**20, overlap=overlap, prefix_caching=prefix_caching)
+    assert e.pool.usable == 70
+    prompts = _long_prompts() * 2
+    results = e.generate(prompts, SamplingParams(max_tokens=40))
+    assert [r["text"] for r in results] == [long_reference[p] for p in prompts]
+    assert all(r["error"] is None for r in results)
+    assert e.scheduler.preemptions > 0
+    assert e.pool.num_free == e.pool.usable and not e.running and not e.waiting
+
+
+def test_prefix_cache_hits_and_outputs_identical(checkpoint, long_reference):
+    prompts = _long_prompts()
+    cached = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=64)
+    first = cached.generate(prompts, SamplingParams(max_tokens=40))
+    assert cached.scheduler.prefix_hit == 0
+    again = cached.generate(prompts, SamplingParams(max_tokens=40))  # the same prompts: prefilled from cache
+    bs = cached.settings.block_size
+    prompt_lens = [r["num_input_tokens"] for r in first]
+    assert cached.scheduler.prefix_hit == sum((n - 1) // bs * bs for n in prompt_lens)
+    uncached = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=64, prefix_caching=False)
+    plain = uncached.generate(prompts, SamplingParams(max_tokens=40))
+    assert [r["text"] for r in again] == [r["text"] for r in first] == [r["text"] for r in plain] \
+        == [long_reference[p] for p in prompts]
+    assert uncached.scheduler.prefix_hit == 0
+
+
+def test_shared_system_prompt_is_prefilled_once(checkpoint):
+    system = "You are a helpful assistant. Answer briefly and exactly. " * 3
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=512)
+    e.generate([system + "Hi"], SamplingParams(max_tokens=2))
+    e.generate([system + q for q in ("What is ML?", "Tell a story", "Count to 3")], SamplingParams(max_tokens=2))
+    shared = len(e.tokenizer(system)["input_ids"]) // e.settings.block_size * e.settings.block_size
+    assert e.scheduler.prefix_hit >= 3 * (shared - e.settings.block_size)
+
+
+def test_long_prompt_is_mixed_with_running_decodes(checkpoint):
+    # A long prompt arrives while a stream decodes: with a small step budget its prefill is chunked
+    # and every step still carries the running stream's decode token.
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=16)
+    short = []
+    e.submit(e.make_request("Hello", SamplingParams(max_tokens=30, ignore_eos=True), short.append))
+    for _ in range(3):
+        e.step()
+    before = short[-1].num_output_tokens
+    long_out = []
+    e.submit(e.make_request("What is machine learning? " * 12, SamplingParams(max_tokens=3, ignore_eos=True),
+                            long_out.append))
+    steps = 0
+    while not long_out or long_out[-1].num_output_tokens == 0:
+        e.step()
+        steps += 1
+    assert steps >= 100 // 16  # the prompt took several chunks ...
+    assert short[-1].num_output_tokens - before >= steps - 2  # ... and the stream got a token in each step
+
+
+def test_sequence_crossing_many_blocks_matches_transformers(checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = "Hello world! " * 20
+    ids = tok(prompt, return_tensors="pt")
+    gen = hf.generate(**ids, max_new_tokens=150, do_sample=False, min_new_tokens=150)[0, ids["input_ids"].shape[1]:]
+    e = make_engine(checkpoint, max_seqs=2, max_context=256, block_size=2, step_token_budget=8)
+    r = e.generate([prompt], SamplingParams(max_tokens=150, min_tokens=150))[0]
+    assert r["num_input_tokens"] + 150 > 100 * 2  # over a hundred blocks of 2 tokens
+    assert r["text"] == tok.decode(gen, skip_special_tokens=True)

@@ -36,8 +36,8 @@ PROMPTS = [  # mixed lengths: 2 to ~130 tokens
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("llm_repo")
-    export(repository=repo, max_slots=SLOTS, max_tokens_cap=LONG)
-    export(name=MODEL_SI8, repository=repo, max_slots=2, max_tokens_cap=LONG, stream_interval=8)
+    export(repository=repo, max_seqs=SLOTS, max_tokens_cap=LONG)
+    export(name=MODEL_SI8, repository=repo, max_seqs=2, max_tokens_cap=LONG, stream_interval=8)
     with start_server(repo) as s:
         yield s
 

@@ -1,8 +1,11 @@
-"""Triton Python model (decoupled): validates and enqueues requests; the engine thread streams.
+"""Python-based backend `llm` (decoupled): validates and enqueues requests; the engine thread streams.
 
-Copied by `python -m export.llm` to model_repository/<name>/1/model.py next to a copy of the
-engine package (1/llm/), so the model directory is self-contained. Engine settings come from the
-config.pbtxt `parameters` (llm/settings.py). I/O contract: export/specs.py LLM_IO, docs/llm.md.
+The engine lives once, here: backends/llm/model.py and its package backends/llm/llm/ (the stub puts
+this directory on sys.path). Triton finds it as the backend named in a model's config
+(`backend: "llm"`): `make serve` links it into its --backend-directory; the NGC container copies it
+to /opt/tritonserver/backends/llm/. A model directory holds only config.pbtxt and 1/checkpoint/.
+Engine settings come from the config's `parameters` (llm/settings.py). I/O contract: export/specs.py
+LLM_IO, docs/llm.md.
 """
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import faulthandler
 import json
 import logging
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -19,11 +21,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-# Import the engine package copied next to this file (model_repository/<name>/1/llm/), whatever
-# else is on sys.path, so the model directory is self-contained.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llm.engine import OVERLOADED, Engine, Metrics, Output
+from llm.engine import OVERLOADED, Engine, Metrics, Output, Stats
 from llm.sampling import SamplingParams
 from llm.settings import EngineSettings
 
@@ -119,21 +117,30 @@ class TritonMetrics(Metrics):
             F("llm_time_to_first_token_seconds", "Time from request arrival to its first generated token", F.HISTOGRAM),
             F("llm_inter_token_latency_seconds", "Time between consecutive decode steps (each running request gets one token per step)", F.HISTOGRAM),
             F("llm_generated_tokens_total", "Generated tokens", F.COUNTER),
-            F("llm_requests_running", "Requests holding a KV-cache slot", F.GAUGE),
-            F("llm_requests_waiting", "Requests waiting for a slot", F.GAUGE),
-            F("llm_kv_cache_usage_ratio", "Used KV-cache positions / allocated positions", F.GAUGE),
+            F("llm_requests_running", "Requests being computed (holding KV blocks)", F.GAUGE),
+            F("llm_requests_waiting", "Requests waiting to be scheduled", F.GAUGE),
+            F("llm_kv_cache_usage_ratio", "KV-cache blocks in use / blocks in the pool", F.GAUGE),
+            F("llm_kv_blocks_used", "KV-cache blocks in use", F.GAUGE),
+            F("llm_kv_blocks_free", "KV-cache blocks free (cached prefix blocks included)", F.GAUGE),
+            F("llm_preemptions_total", "Sequences preempted for lack of KV blocks (recomputed later)", F.COUNTER),
+            F("llm_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache", F.COUNTER),
+            F("llm_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache (not recomputed)", F.COUNTER),
         ]
-        ttft, itl, tokens, running, waiting, kv = self.families
+        ttft, itl, tokens, *gauges, preempt, queried, hit = self.families
         self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
         self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
         self.tokens = tokens.Metric(labels=labels)
-        self.running, self.waiting, self.kv = (f.Metric(labels=labels) for f in (running, waiting, kv))
+        self.gauge_metrics = [f.Metric(labels=labels) for f in gauges]  # running, waiting, usage, used, free
+        self.counters = [f.Metric(labels=labels) for f in (preempt, queried, hit)]
         self._pending_tokens = 0
-        self._last = (None, None, None)
+        self._last: tuple | None = None
+        self._counted = (0, 0, 0)
 
     def close(self) -> None:
         # Metric objects must be released before their families (pb_utils requirement).
-        del self.ttft, self.itl, self.tokens, self.running, self.waiting, self.kv
+        del self.ttft, self.itl, self.tokens
+        self.gauge_metrics.clear()
+        self.counters.clear()
         self.families.clear()
 
     def first_token(self, seconds: float) -> None:
@@ -152,17 +159,19 @@ class TritonMetrics(Metrics):
             n, self._pending_tokens = self._pending_tokens, 0
             self.post(lambda: self.tokens.increment(n))
 
-    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
+    def gauges(self, st: Stats) -> None:
         # Called at most every metrics_interval_s (and when idle).
         self._flush_tokens()
-        now = (running, waiting, round(kv_usage, 4))
-        if now != self._last:
-            def update():
-                self.running.set(running)
-                self.waiting.set(waiting)
-                self.kv.set(kv_usage)
-            self.post(update)
-            self._last = now
+        values = (st.running, st.waiting, round(st.blocks_used / st.blocks_total, 4), st.blocks_used,
+                  st.blocks_total - st.blocks_used)
+        if values != self._last:
+            self._last = values
+            self.post(lambda: [m.set(v) for m, v in zip(self.gauge_metrics, values)])
+        counted = (st.preemptions, st.prefix_queried_tokens, st.prefix_hit_tokens)
+        deltas = [now - before for now, before in zip(counted, self._counted)]
+        if any(deltas):
+            self._counted = counted
+            self.post(lambda: [m.increment(d) for m, d in zip(self.counters, deltas) if d])
 
 
 def _scalar(request, name: str, default):
@@ -209,8 +218,8 @@ class TritonPythonModel:
                 f"{e}: the Python stub loaded a different libpython than `python3` on PATH; put that "
                 "interpreter's sysconfig LIBDIR first on LD_LIBRARY_PATH when starting tritonserver") from e
         self.engine.start()
-        self.logger.log_info(f"{args['model_name']}: engine on {device}, {self.engine.runner.num_slots} slots x "
-                             f"{self.engine.max_context} positions, settings {settings}")
+        self.logger.log_info(f"{args['model_name']}: engine on {device}, KV pool {self.engine.pool.usable} blocks x "
+                             f"{settings.block_size} tokens, max_context {self.engine.max_context}, settings {settings}")
 
     def execute(self, requests):
         arrival = time.perf_counter()

@@ -1,21 +1,23 @@
 """A compact Llama-family decoder (Llama, Mistral, Qwen2) in the style of gpt-fast.
 
-Loads Hugging Face safetensors into fused weights (wqkv, w13) and runs against a static, slot-based
-KV cache (llm/kv_cache.py), so every decode step has fixed shapes and can be captured in a CUDA
-graph per batch bucket. The same code runs eagerly on CPU.
+Loads Hugging Face safetensors into fused weights (wqkv, w13). One forward takes a flat batch of
+N tokens from many sequences (decode tokens and prefill chunks together, so the matmuls are large)
+against the paged KV cache (llm/kv_cache.py, llm/attention.py). A decode-only batch has static
+shapes per batch bucket and is captured in a CUDA graph (llm/runner.py). The same code runs on CPU.
 
-Shapes: B = rows in the batch, T = tokens per row, H = query heads, KVH = key/value heads,
-D = head_dim, L = kv length attended (a static bucket <= max_context), V = vocab.
+Shapes: N = tokens in the step, H = query heads, KVH = key/value heads, D = head_dim, V = vocab.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llm import attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -77,6 +79,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@dataclass
+class Batch:
+    """What one forward needs besides the tokens, all on the model's device. The N flat tokens are
+    `num_decode` single-token rows (decode; attention by `block_table`/`seq_lens`) followed by the
+    prefill `chunks` (flat offset, length, first position, block-table row), which run eagerly."""
+
+    slots: torch.Tensor  # [N] int64: the flat cache slot each token's k/v is written to
+    num_decode: int
+    block_table: torch.Tensor | None  # [num_decode, nb] int32
+    seq_lens: torch.Tensor | None  # [num_decode] int32: tokens in the cache after this step
+    chunks: list = field(default_factory=list)  # [(offset, n, start, block_row [nb] int64)]
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -84,39 +99,32 @@ class Attention(nn.Module):
         q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.wqkv = nn.Linear(a.hidden_size, q + 2 * kv, bias=a.qkv_bias)
         self.wo = nn.Linear(q, a.hidden_size, bias=False)
+        self.scale = a.head_dim**-0.5
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, rows, idx, kv_len):
-        # x: [B, T, hidden]; cos/sin: [B, T, 1, D]; mask: [B, 1, n_rep*T, L] additive (0 / -inf), in x's dtype
-        # k_cache/v_cache: this layer's [S, KVH, max_context, D]; rows: [B] slot per row or None
-        # (None: row b is slot b, the decode layout, so reads are views, not gathers);
-        # idx: KV-cache write index (slot, head, pos), each broadcasting to [B, KVH, T].
-        # The per-forward pieces (rope tables, mask, idx) are built once in Transformer.forward:
-        # fewer kernels per layer (decode is bound by kernel count, prefill by launches).
+    def forward(self, x, cos, sin, k_cache, v_cache, batch: Batch, decode_attention):
+        # x: [N, hidden]; cos/sin: [N, 1, D]; k_cache/v_cache: this layer's [blocks, block_size, KVH, D]
         a = self.a
-        B, T, _ = x.shape
+        N = x.shape[0]
         H, KVH, D = a.num_heads, a.num_kv_heads, a.head_dim
-        qkv = self.wqkv(x).view(B, T, H + 2 * KVH, D)
-        # RoPE on q and k together (one set of elementwise kernels for both heads groups).
-        qk = qkv[:, :, : H + KVH]
-        qk = qk * cos + rotate_half(qk) * sin  # [B, T, H+KVH, D]
-        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
-        k = qk[:, :, H:].transpose(1, 2)  # [B, KVH, T, D]
-        v = qkv[:, :, H + KVH :].transpose(1, 2)
-        # Write the new keys/values at their positions: cache[slot, h, pos] = k[b, h, t].
-        k_cache.index_put_(idx, k.to(k_cache.dtype))
-        v_cache.index_put_(idx, v.to(v_cache.dtype))
-        if rows is None:
-            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # views
+        qkv = self.wqkv(x).view(N, H + 2 * KVH, D)
+        # RoPE on q and k together (one set of elementwise kernels for both head groups).
+        qk = qkv[:, : H + KVH]
+        qk = qk * cos + rotate_half(qk) * sin  # [N, H+KVH, D]
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH :]
+        # Write this step's keys/values first: attention then reads everything from the cache.
+        k_cache.view(-1, KVH, D).index_copy_(0, batch.slots, k.to(k_cache.dtype))
+        v_cache.view(-1, KVH, D).index_copy_(0, batch.slots, v.to(v_cache.dtype))
+        nd = batch.num_decode
+        if not batch.chunks:  # decode only (the CUDA-graph case)
+            y = decode_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
         else:
-            keys, values = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]  # [B, KVH, L, D]
-        # GQA without copying the cache: fold the query heads of one KV head into the query-length
-        # axis (HF's repeat_kv maps query head h to kv head h // n_rep).
-        n_rep = H // KVH
-        q = q.reshape(B, KVH, n_rep * T, D)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, KVH, n_rep*T, D]
-        # reshape, not view: CUDA SDPA kernels may return a non-contiguous layout (seen on H100).
-        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.wo(y)
+            y = q.new_empty(N, H, D)
+            if nd:
+                y[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
+            for off, n, start, row in batch.chunks:
+                sl = slice(off, off + n)
+                y[sl] = attention.prefill(q[sl], k[sl], v[sl], k_cache, v_cache, row, start, self.scale)
+        return self.wo(y.reshape(N, H * D))
 
 
 class FeedForward(nn.Module):
@@ -139,8 +147,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.ffn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache, rows, idx, kv_len):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, rows, idx, kv_len)
+    def forward(self, x, cos, sin, k_cache, v_cache, batch, decode_attention):
+        h = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch, decode_attention)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,6 +163,7 @@ class Transformer(nn.Module):
         self.max_context = max_context
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [max_context, D]
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.decode_attention = attention.decode_torch  # the runner picks the implementation
 
     def set_rope(self, hf_config, dtype: torch.dtype):
         # HF's own rotary module gives inv_freq and scaling for every rope type (llama3, yarn, ...).
@@ -167,35 +176,16 @@ class Transformer(nn.Module):
         device = self.output.weight.device
         self.rope_cos, self.rope_sin = cos[0].to(device), sin[0].to(device)
 
-    def forward(self, tokens, pos, caches, rows, kv_len: int, last: torch.Tensor | None = None):
-        """tokens, pos: [B, T] int64; caches: list of (k, v) per layer; rows: [B] slots or None.
-
-        Returns logits [B, V] (fp32) of the token at index `last[b]` of each row (T-1 when None).
-        kv_len is a Python int (static per CUDA graph): keys beyond it are not read.
-        """
-        assert tokens.shape == pos.shape and tokens.dim() == 2, f"{tokens.shape} vs {pos.shape}"
-        assert kv_len <= self.max_context, f"kv_len {kv_len} > max_context {self.max_context}"
-        B, T = tokens.shape
-        a = self.args
-        n_rep = a.num_heads // a.num_kv_heads
-        dev = tokens.device
-        x = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)  # [B, T, 1, D]
-        ctx = torch.arange(kv_len, device=dev)
-        allowed = ctx[None, None, :] <= pos[:, :, None]  # [B, T, L]: causal by position
-        # GQA folds the n_rep query heads of a KV head into the query axis (row r*T + t): repeat the
-        # mask to match, as an additive mask in x's dtype (what SDPA makes of a bool mask, once).
-        allowed = allowed.unsqueeze(1).expand(B, n_rep, T, kv_len).reshape(B, 1, n_rep * T, kv_len)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        slot = torch.arange(B, device=dev) if rows is None else rows
-        heads = torch.arange(a.num_kv_heads, device=dev)
-        idx = (slot[:, None, None], heads[None, :, None], pos[:, None, :])  # each broadcasts to [B, KVH, T]
+    def forward(self, tokens, pos, caches, batch: Batch, logits_rows: torch.Tensor | None = None):
+        """tokens, pos: [N] int64 (flat over the batch); caches: (k, v) per layer; logits_rows:
+        which of the N tokens get logits (None: all). -> logits [len(logits_rows), V] fp32."""
+        assert tokens.shape == pos.shape and tokens.dim() == 1, f"{tokens.shape} vs {pos.shape}"
+        x = self.tok_embeddings(tokens)  # [N, hidden]
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # [N, 1, D]
         for layer, (kc, vc) in zip(self.layers, caches):
-            x = layer(x, cos, sin, mask, kc, vc, rows, idx, kv_len)
-        if last is None:
-            x = x[:, -1]
-        else:
-            x = x[torch.arange(B, device=x.device), last]  # [B, hidden]
+            x = layer(x, cos, sin, kc, vc, batch, self.decode_attention)
+        if logits_rows is not None:
+            x = x[logits_rows]
         return self.output(self.norm(x)).float()
 
 

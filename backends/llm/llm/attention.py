@@ -1,0 +1,139 @@
+"""Attention over the paged KV cache.
+
+Cache layout (llm/kv_cache.py): k_cache, v_cache = [num_blocks, block_size, KVH, D]. Shapes below:
+H query heads, KVH key/value heads (n_rep = H // KVH query heads share one, as HF's repeat_kv: query
+head h uses kv head h // n_rep), D head_dim.
+
+- `decode_torch`: single-token queries (decode rows) against their sequences' blocks: gathers the
+  blocks, masks by length, SDPA. The reference and the CPU path; on GPU it is the fallback.
+- `decode_triton`: the same as an OpenAI-Triton kernel (split-KV flash decoding: each program walks
+  a slice of one sequence's blocks for one kv head, with all n_rep query heads of that kv head in one
+  tile; a small torch reduction merges the slices). Reads seq_lens on the device, so one CUDA graph
+  per batch bucket serves every length.
+- `prefill`: a chunk of one sequence's tokens [start, start + n): plain causal SDPA when the chunk
+  starts the sequence (flash attention on GPU), else SDPA over the gathered cached prefix + chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # OpenAI Triton ships with CUDA builds of torch; CPU-only hosts may lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the host
+    triton = None
+
+
+def decode_torch(q, k_cache, v_cache, block_table, seq_lens, scale: float) -> torch.Tensor:
+    """q [B, H, D]; block_table [B, nb] (blocks of each row, padded with any valid id); seq_lens [B]
+    (>= 1) -> [B, H, D]. Reads nb * block_size positions per row, masked to seq_lens."""
+    B, H, D = q.shape
+    _, bs, KVH, _ = k_cache.shape
+    nb = block_table.shape[1]
+    bt = block_table.long()
+    k = k_cache[bt].view(B, nb * bs, KVH, D).transpose(1, 2)  # [B, KVH, L, D]
+    v = v_cache[bt].view(B, nb * bs, KVH, D).transpose(1, 2)
+    allowed = torch.arange(nb * bs, device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
+    y = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k, v, attn_mask=allowed[:, None, None, :],
+                                       scale=scale)  # [B, KVH, n_rep, D]
+    return y.reshape(B, H, D)
+
+
+def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> torch.Tensor:
+    """q [n, H, D], k/v [n, KVH, D] (this chunk's, already written to the cache at positions
+    start..start+n-1); block_row [>= ceil((start+n)/block_size)] -> [n, H, D]."""
+    n, H, D = q.shape
+    KVH = k.shape[1]
+    n_rep = H // KVH
+    if start == 0:  # keys are this chunk only: causal attention, flash-eligible on GPU
+        kk = k.transpose(0, 1).repeat_interleave(n_rep, dim=0)  # [H, n, D]
+        vv = v.transpose(0, 1).repeat_interleave(n_rep, dim=0)
+        y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=True, scale=scale)
+        return y[0].transpose(0, 1)
+    L = start + n
+    bs = k_cache.shape[1]
+    nb = -(-L // bs)
+    row = block_row[:nb].long()
+    kk = k_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1)  # [KVH, L, D]
+    vv = v_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1)
+    # Fold the n_rep query heads of a kv head into the query axis (row r * n + t) instead of
+    # copying the keys n_rep times; the mask is causal by position.
+    qf = q.view(n, KVH, n_rep, D).permute(1, 2, 0, 3).reshape(KVH, n_rep * n, D)
+    allowed = torch.arange(L, device=q.device)[None, :] <= torch.arange(start, L, device=q.device)[:, None]
+    mask = allowed.repeat(n_rep, 1)  # [n_rep * n, L]
+    y = F.scaled_dot_product_attention(qf[None], kk[None], vv[None], attn_mask=mask[None, None], scale=scale)
+    return y[0].view(KVH, n_rep, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, BT, LENS, ACC, M, L, scale,
+                       s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ab, s_ah, s_as, s_mb, s_mh,
+                       N_REP: tl.constexpr, N_REP_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                       TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(LENS + b)
+        per_split = tl.cdiv(tl.cdiv(seq_len, TILE), SPLITS) * TILE  # positions per split, whole tiles
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, seq_len)
+        r = tl.arange(0, N_REP_P)
+        d = tl.arange(0, D)
+        head = kvh * N_REP + r
+        rmask = r < N_REP
+        q = tl.load(Q + b * s_qb + head[:, None] * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        m_i = tl.full([N_REP_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([N_REP_P], tl.float32)
+        acc = tl.zeros([N_REP_P, D], tl.float32)
+        t = tl.arange(0, TILE)
+        for p0 in range(lo, hi, TILE):
+            pos = p0 + t
+            valid = pos < hi
+            blk = tl.load(BT + b * s_btb + pos // BS, mask=valid, other=0)
+            off = blk.to(tl.int64) * s_kb + (pos % BS) * s_kt + kvh * s_kh
+            k = tl.load(K + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [TILE, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [N_REP_P, TILE] fp32
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        tl.store(ACC + b * s_ab + head[:, None] * s_ah + split * s_as + d[None, :], acc, mask=rmask[:, None])
+        tl.store(M + b * s_mb + head * s_mh + split, m_i, mask=rmask)
+        tl.store(L + b * s_mb + head * s_mh + split, l_i, mask=rmask)
+
+
+def num_splits(batch: int, kv_heads: int, sm_count: int) -> int:
+    """Split the keys when batch x kv heads alone would leave most SMs idle (batch 1: 8 programs)."""
+    return max(1, min(16, (2 * sm_count) // max(1, batch * kv_heads)))
+
+
+def decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, splits: int = 1) -> torch.Tensor:
+    """Same contract as decode_torch (block_table int32, seq_lens int32 on the device)."""
+    B, H, D = q.shape
+    _, bs, KVH, _ = k_cache.shape
+    n_rep = H // KVH
+    acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    tile = max(16, min(64, bs * 4))
+    _decode_kernel[(B, KVH, splits)](
+        q, k_cache, v_cache, block_table, seq_lens, acc, m, l_, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        N_REP=n_rep, N_REP_P=max(16, triton.next_power_of_2(n_rep)), D=D, BS=bs, TILE=tile, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    if splits == 1:
+        return (acc[:, :, 0] / l_).to(q.dtype)
+    w = torch.exp(m - m.amax(dim=2, keepdim=True))  # [B, H, S]; empty splits (m = -inf) weigh 0
+    out = (acc * w[..., None]).sum(2) / (l_ * w).sum(2)[..., None]
+    return out.to(q.dtype)

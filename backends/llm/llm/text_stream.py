@@ -1,0 +1,107 @@
+"""A request's output text: incremental detokenization, stop strings, hold-back, coalescing.
+
+`TextStream.push(token)` adds one generated token's text and reports a stop-string hit (the text is
+then cut just before it); `take(force)` returns the text to send now: held back while it may still
+become a stop string, and coalesced to one response per `interval` tokens (the first response goes
+out as soon as there is text: time to first token). `rest()` is the final response's text.
+"""
+from __future__ import annotations
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop word (not sent yet)."""
+    best = 0
+    for w in stops:
+        for k in range(min(len(w) - 1, len(text)), best, -1):
+            if text.endswith(w[:k]):
+                best = k
+                break
+    return best
+
+
+class Detokenizer:
+    """Incremental detokenization: the new text of each token, holding back incomplete characters,
+    so that the pieces plus flush() equal tokenizer.decode(all ids, skip_special_tokens=True).
+    Uses tokenizers' DecodeStream (one Rust call per token) when the tokenizer is a fast one."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # chars returned so far
+        self.stream = None
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self.stream, self.backend = DecodeStream(skip_special_tokens=True), backend
+            except ImportError:
+                pass
+        self.prefix = 0  # fallback: ids[prefix:read] decode to text already returned
+        self.read = 0
+
+    def __call__(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        if self.stream is not None:
+            piece = self.stream.step(self.backend, token_id) or ""
+        else:
+            before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+            after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+            piece = ""
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self.prefix, self.read = self.read, len(self.ids)
+                piece = after[len(before) :]
+        self.emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the end), once, at the finish."""
+        rest = self.tok.decode(self.ids, skip_special_tokens=True)[self.emitted :]
+        self.emitted += len(rest)
+        return rest
+
+
+class TextStream:
+    def __init__(self, tokenizer, stops: tuple[str, ...], interval: int, prefix: str = ""):
+        self.detok = Detokenizer(tokenizer)
+        self.stops = stops
+        self.interval = interval
+        self.text = ""  # detokenized output so far
+        self.sent = 0  # chars of self.text already handed out
+        self.prefix = prefix  # echoed prompt: starts the first response
+        self.unsent_tokens = 0
+        self.started = False  # a response was handed out
+
+    def push(self, token_id: int, check_stops: bool) -> bool:
+        """Add a token's text. True when a stop string appeared (text cut before it)."""
+        self.unsent_tokens += 1
+        piece = self.detok(token_id)
+        if piece:
+            self.text += piece
+        if self.stops and check_stops:
+            # A stop word may span tokens: search the text not yet sent plus a margin.
+            lo = max(0, self.sent - max(len(w) for w in self.stops))
+            hits = [i for i in (self.text.find(w, lo) for w in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return True
+        return False
+
+    def take(self) -> str | None:
+        """Text for a streamed response now, or None (coalescing, or nothing new to send)."""
+        if self.unsent_tokens < self.interval and self.started:
+            return None
+        end = len(self.text) - held_back(self.text, self.stops)
+        if end <= self.sent and not self.prefix:
+            return None
+        out = self.prefix + self.text[self.sent : end]
+        self.prefix, self.sent, self.unsent_tokens, self.started = "", end, 0, True
+        return out
+
+    def rest(self, flush: bool) -> str:
+        """The final response's text: everything not sent yet (flush: plus held-back characters)."""
+        if flush:
+            self.text += self.detok.flush()
+        out = self.prefix + self.text[self.sent :]
+        self.prefix, self.sent = "", len(self.text)
+        return out

@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache (llm/attention.py): the torch paths against a naive per-sequence
+reference on CPU; the Triton kernel against the torch path where a GPU exists."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm import attention
+
+H, KVH, D, BS = 8, 2, 16, 4
+
+
+def make_cache(num_blocks: int, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    k = torch.randn(num_blocks, BS, KVH, D, generator=g).to(device, dtype)
+    v = torch.randn(num_blocks, BS, KVH, D, generator=g).to(device, dtype)
+    return k, v
+
+
+def naive(q, keys, values):
+    """q [T, H, D] at the last T positions of keys/values [L, KVH, D]; causal; GQA as HF repeat_kv."""
+    T, L = q.shape[0], keys.shape[0]
+    k = keys.repeat_interleave(H // KVH, dim=1).float()  # [L, H, D]
+    v = values.repeat_interleave(H // KVH, dim=1).float()
+    s = torch.einsum("thd,lhd->htl", q.float(), k) * D**-0.5
+    allowed = torch.arange(L)[None, :] <= torch.arange(L - T, L)[:, None]
+    s = s.masked_fill(~allowed.to(s.device), float("-inf"))
+    return torch.einsum("htl,lhd->thd", s.softmax(-1), v)
+
+
+def tables(lens, num_blocks, seed=1):
+    """Random, distinct block tables (never block 0) for sequences of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    ids = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    out = []
+    for n in lens:
+        nb = -(-n // BS)
+        out.append(ids[:nb])
+        ids = ids[nb:]
+    width = max(len(t) for t in out)
+    return torch.tensor([t + [0] * (width - len(t)) for t in out], dtype=torch.int32)
+
+
+def gather(cache, row, n):
+    return cache[row.long()].reshape(-1, KVH, D)[:n]
+
+
+def test_decode_torch_matches_naive_reference():
+    kc, vc = make_cache(64)
+    lens = [1, 3, 4, 5, 17, 40]
+    bt = tables(lens, 64)
+    q = torch.randn(len(lens), H, D)
+    out = attention.decode_torch(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), D**-0.5)
+    for i, n in enumerate(lens):
+        ref = naive(q[i : i + 1], gather(kc, bt[i], n), gather(vc, bt[i], n))[0]
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("start,n", [(0, 7), (0, 1), (5, 6), (8, 9), (13, 1)])
+def test_prefill_chunk_matches_naive_reference(start, n):
+    kc, vc = make_cache(32)
+    row = tables([start + n], 32)[0].long()
+    slots = torch.tensor([row[p // BS] * BS + p % BS for p in range(start, start + n)])
+    k, v = torch.randn(n, KVH, D), torch.randn(n, KVH, D)
+    kc.view(-1, KVH, D)[slots] = k
+    vc.view(-1, KVH, D)[slots] = v
+    q = torch.randn(n, H, D)
+    out = attention.prefill(q, k, v, kc, vc, row, start, D**-0.5)
+    ref = naive(q, gather(kc, row, start + n), gather(vc, row, start + n))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_num_splits_fills_the_gpu_only_when_the_batch_does_not():
+    assert attention.num_splits(1, 8, 132) == 16
+    assert attention.num_splits(64, 8, 132) == 1
+
+
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None,
+                                  reason="the Triton kernel needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_triton_decode_matches_torch(dtype, splits):
+    kc, vc = make_cache(400, dtype, "cuda")
+    lens = [1, 2, 15, 16, 17, 64, 65, 300, 1000]
+    bt = tables(lens, 400).cuda()
+    q = torch.randn(len(lens), H, D, device="cuda").to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    ref = attention.decode_torch(q.float(), kc.float(), vc.float(), bt, seq_lens, D**-0.5)
+    out = attention.decode_triton(q, kc, vc, bt, seq_lens, D**-0.5, splits)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
