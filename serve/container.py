@@ -141,7 +141,8 @@ class Container:
     def start(self) -> None:
         argv = triton_argv(self.c, self.shm_prefix)
         print("serve.container: " + " ".join(argv).replace(self.c.token(), "<admin token>"), flush=True)
-        self.triton = subprocess.Popen(argv, env=self.env)
+        # Own sessions: a terminal's Ctrl-C reaches this process only, which then stops them in order.
+        self.triton = subprocess.Popen(argv, env=self.env, start_new_session=True)
         ready = f"http://{LOOPBACK}:{self.c.http_port}/v2/health/ready"
         if self.c.triton_only:
             return
@@ -151,7 +152,7 @@ class Container:
             self._sleep(POLL_S)
         print("serve.container: tritonserver ready; starting the gateway", flush=True)
         self.gateway = subprocess.Popen(gateway_argv(self.c, self.shm_prefix, self.gateway_host), env=self.env,
-                                        cwd=self.app_dir)
+                                        cwd=self.app_dir, start_new_session=True)
 
     def watch(self) -> str | None:
         """Until a signal (None) or a child exits (its name)."""

@@ -145,6 +145,7 @@ class Unit:
     """`python -m serve.container` over a tiny repository, on free loopback ports."""
 
     def __init__(self, tmp: Path):
+        tmp.mkdir(parents=True, exist_ok=True)
         repo = tmp / "repo"
         write_add_one_model(repo)
         env = environment.server_env()
@@ -176,23 +177,37 @@ class Unit:
         self.log.close()
 
 
+def kill_unit(u: Unit) -> None:
+    for pid in children(u.p.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    u.close()
+
+
 @pytest.fixture
 def unit(tmp_path):
-    u = Unit(tmp_path)
+    """A started, ready unit. Free ports are picked before the processes bind them, so another process
+    on this shared host can take one in between: only then (the log says a port is in use) it is
+    started again on other ports."""
+    for attempt in range(3):
+        u = Unit(tmp_path / f"try{attempt}")
+        try:
+            u.wait_ready()
+            break
+        except AssertionError:
+            kill_unit(u)
+            if "in use" not in u.logfile.read_text() or attempt == 2:
+                raise
     try:
         yield u
     finally:
-        for pid in children(u.p.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        u.close()
+        kill_unit(u)
 
 
 @pytest.mark.server
 def test_container_serves_through_the_gateway_and_stops_on_sigterm(unit):
-    unit.wait_ready()
     base = f"http://{LOOPBACK}:{unit.port}"
     status, body = http(f"{base}/v2/models/add_one/infer",
                         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
@@ -213,7 +228,6 @@ def test_container_serves_through_the_gateway_and_stops_on_sigterm(unit):
 
 @pytest.mark.server
 def test_container_exits_when_triton_dies(unit):
-    unit.wait_ready()
     kids = children(unit.p.pid)
     triton = next(pid for pid in kids if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text())
     os.kill(triton, signal.SIGKILL)
