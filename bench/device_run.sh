@@ -3,16 +3,17 @@
 # Every stage is bounded by its own timeout and logs to $OUT/log.txt; stage JSON files are packed into
 # $OUT/results.tar.gz at the end (the device tool returns at most 8 files).
 #
-#   bash bench/device_run.sh smoke roofline ours8b ourstiny hfnaive hfcb      (from the repo root)
+#   bash bench/device_run.sh gputests ours8b ourstiny bench      (from the repo root)
 #
 # Random-weight models are built on the device (nothing downloaded or carried). Stages:
 #   env       GPU, driver, versions            smoke     bundle -> server -> GPU python model over gRPC
-#   roofline  copy bandwidth                   ours8b/ourstiny  our runner decode sweep + profiles
-#   prefill8b our prefill timed + profiled     compiletiny  like compile8b, TinyLlama shape
+#   gputests  pytest -m gpu (attention kernel vs torch, engine on GPU vs transformers; needs .whl pytest)
+#   roofline  copy bandwidth                   ours8b/ourstiny  in-process engine: decode sweep, profiles,
+#                                              closed loops (128:256, 2048:256, chat), idle TTFT
 #   hfnaive   transformers generate, 1 req     hfcb      transformers continuous batching (graphs off/on)
 #   bench     python -m bench.llm (Triton end to end; BENCH_ARGS, BENCH_OUT)
 #   encoder   MiniLM torch-fp16 CUDA-graph model through Triton (perf_analyzer)
-#   compile8b our decode step with torch.compile (EngineSettings.compile), batch 1
+#   compile8b the same decode sweep with EngineSettings.compile (torch.compile of the step)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 RES=/tmp/res
@@ -54,7 +55,7 @@ if [[ -f "$BUNDLE_TGZ" ]]; then
     && log "bundle unpacked and set up in $(( $(date +%s) - t0 ))s: python3=$(command -v python3)" \
     || log "bundle setup FAILED"
   # Run the project's code from this checkout (it is newer than the bundle's copy when iterating).
-  export PYTHONPATH=$REPO
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi
 VPY=$(command -v python3)
 
@@ -63,10 +64,13 @@ for s in "$@"; do
     smoke) stage smoke 180 "$VPY" -m bench.smoke --workdir /tmp/smoke && cp /tmp/smoke/smoke-server.log "$RES/" ;;
     roofline) stage roofline 120 "$VPY" -c "import json; from bench.roofline import copy_bandwidth; print(json.dumps(copy_bandwidth()))" \
                 && grep '^{"bytes"' "$LOG" | tail -1 >"$RES/copy_bandwidth.json" ;;
-    ours8b) stage ours8b 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 8 32 64 \
-              --context 256 --profile 1 64 --out "$RES/ours_llama-3.1-8b.json" ;;
-    ourstiny) stage ourstiny 200 "$VPY" -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 8 32 64 \
-              --context 256 --profile 1 --out "$RES/ours_tinyllama-1.1b.json" ;;
+    gputests) stage gputests 300 "$VPY" -m pytest -q -m gpu -p no:cacheprovider tests/test_llm_attention.py ;;
+    ours8b) stage ours8b 420 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 8 32 64 --context 256 \
+              --profile 1 64 --workload 128:256 2048:256 chat --concurrency 1 8 64 --idle-ttft 128 2048 \
+              ${OURS_ARGS:-} --out "$RES/ours_llama-3.1-8b.json" ;;
+    ourstiny) stage ourstiny 300 "$VPY" -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 8 32 64 --context 256 \
+              --profile 1 --workload 128:256 --concurrency 1 64 --idle-ttft 128 ${OURS_ARGS:-} \
+              --out "$RES/ours_tinyllama-1.1b.json" ;;
     hfnaive) for sh in tinyllama-1.1b llama-3.1-8b; do
                stage "hfnaive-$sh" 200 "$VPY" -m bench.baseline_hf --shape $sh --naive --out "$RES/hfnaive_$sh.json"
              done ;;
@@ -76,13 +80,9 @@ for s in "$@"; do
             --cuda-graph on --out "$RES/hfcb_tinyllama-1.1b.json" ;;
     bench) stage bench ${BENCH_TIMEOUT:-540} "$VPY" -m bench.llm --out-dir "$OUT/${BENCH_OUT:-bench}" ${BENCH_ARGS:-} ;;
     encoder) stage encoder ${ENC_TIMEOUT:-240} "$VPY" -m bench.encoder_gpu --random-weights ${ENC_ARGS:-} --out "$OUT/encoder/encoder_gpu.json" ;;
-    prefill8b) stage prefill8b 200 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 --context 256 \
-                 --prefill 128 2048 --prefill-chunk 512 --out "$RES/ours_8b_prefill.json" ;;
-    compiletiny) stage compiletiny ${COMPILE_TIMEOUT:-240} "$VPY" -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 \
-                 --context 256 --max-context 512 --kv-len-min 512 --compile --profile 1 --out "$RES/ours_tiny_compiled.json" ;;
     encinproc) stage encinproc 300 "$VPY" -m bench.encoder_gpu --inproc --out "$RES/encoder_inproc.json" ;;
-    compile8b) stage compile8b ${COMPILE_TIMEOUT:-240} "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 \
-                 --context 256 --max-context 512 --kv-len-min 512 --compile --profile 1 --out "$RES/ours_8b_compiled.json" ;;
+    compile8b) stage compile8b ${COMPILE_TIMEOUT:-300} "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 64 \
+                 --context 256 --set compile=true --workload --out "$RES/ours_8b_compiled.json" ;;
     *) log "unknown stage $s" ;;
   esac
 done

@@ -93,3 +93,30 @@ def test_triton_decode_matches_torch(dtype, splits):
     out = attention.decode_triton(q, kc, vc, bt, seq_lens, D**-0.5, splits)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_engine_on_gpu_matches_transformers_with_either_attention(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from export.random_llm import write_random_checkpoint
+    from llm.engine import Engine
+    from llm.sampling import SamplingParams
+    from llm.settings import EngineSettings
+
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", "tiny")
+    prompts = ["Hello world", "What is machine learning? " * 12, "a", "Once upon a time " * 20]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    reference = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        gen = hf.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        reference.append(tok.decode(gen, skip_special_tokens=True))
+    for impl in ("torch", "triton"):
+        e = Engine(EngineSettings(checkpoint=str(ckpt), dtype="float32", max_seqs=4, max_context=256,
+                                  step_token_budget=32, attention=impl, kv_cache_budget_mb=64), device="cuda")
+        assert e.runner.attention_impl == impl and e.runner.use_graphs
+        texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
+        assert texts == reference * 2, impl
