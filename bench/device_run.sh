@@ -10,6 +10,7 @@
 #   gputests  pytest -m gpu (attention kernel vs torch, engine on GPU vs transformers; needs .whl pytest)
 #   roofline  copy bandwidth                   ours8b/ourstiny  in-process engine: decode sweep, profiles,
 #                                              closed loops (128:256, 2048:256, chat), idle TTFT
+#   ours8b8k  64 streams of 7680:256 on 8B within a 40 GiB KV budget (preemption, nothing refused)
 #   hfnaive   transformers generate, 1 req     hfcb      transformers continuous batching (graphs off/on)
 #   bench     python -m bench.llm (Triton end to end; BENCH_ARGS, BENCH_OUT)
 #   encoder   MiniLM torch-fp16 CUDA-graph model through Triton (perf_analyzer)
@@ -66,8 +67,11 @@ for s in "$@"; do
                 && grep '^{"bytes"' "$LOG" | tail -1 >"$RES/copy_bandwidth.json" ;;
     gputests) stage gputests 300 "$VPY" -m pytest -q -m gpu -p no:cacheprovider tests/test_llm_attention.py ;;
     ours8b) stage ours8b 420 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 8 32 64 --context 256 \
-              --profile 1 64 --workload 128:256 2048:256 chat --concurrency 1 8 64 --idle-ttft 128 2048 \
-              ${OURS_ARGS:-} --out "$RES/ours_llama-3.1-8b.json" ;;
+              ${OURS8B_ARGS:---profile 1 64 --workload 128:256 2048:256 chat --concurrency 1 8 64 --idle-ttft 128 2048} \
+              --out "$RES/ours_llama-3.1-8b.json" ;;
+    ours8b8k) stage ours8b8k 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --set max_context=8448 \
+              --set kv_cache_budget_mb=40960 --workload 7680:256 --concurrency 64 --requests 64 \
+              --out "$RES/ours_llama-3.1-8b_8k_40GiB.json" ;;
     ourstiny) stage ourstiny 300 "$VPY" -m bench.engine_inproc --shape tinyllama-1.1b --batches 1 8 32 64 --context 256 \
               --profile 1 --workload 128:256 --concurrency 1 64 --idle-ttft 128 ${OURS_ARGS:-} \
               --out "$RES/ours_tinyllama-1.1b.json" ;;

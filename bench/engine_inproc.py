@@ -180,7 +180,7 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
     assert tokens == sum(osl for _, osl in reqs[concurrency:]), "a request produced the wrong number of tokens"
     steps = st1["steps"] - st0["steps"]
     return {"engine": "ours-inproc", "workload": "chat" if workload == "chat" else f"{workload[0]}:{workload[1]}",
-            "concurrency": concurrency, "requests": n, "output_tokens": tokens, "span_s": end - start,
+            "concurrency": concurrency, "requests": n, "failed": 0, "output_tokens": tokens, "span_s": end - start,
             "tokens_per_s": tokens / (end - start),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="batch sizes to profile")
     ap.add_argument("--workload", nargs="*", default=[], help="closed-loop workloads: ISL:OSL or chat")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency)")
     ap.add_argument("--idle-ttft", type=int, nargs="*", default=[], help="prompt lengths for idle TTFT")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting (llm/settings.py)")
     ap.add_argument("--out", default=None)
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         out["levels"] = []
         for w in map(parse_workload, args.workload):
             for c in args.concurrency:
-                r = closed_loop(engine, w, c)
+                r = closed_loop(engine, w, c, args.requests)
                 print(json.dumps(r), flush=True)
                 out["levels"].append(r)
         out["idle_ttft"] = [idle_ttft(engine, isl) for isl in args.idle_ttft]

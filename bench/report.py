@@ -31,24 +31,39 @@ class Target:
         return value >= self.bound if self.higher_is_better else value <= self.bound
 
 
-TARGETS = (
-    Target("batch-1 decode (1 / TPOT), 128/256, through Triton", BIG, "tok/s", 160, True),
-    Target("64 streams output throughput, 128/256, through Triton", BIG, "tok/s", 7000, True),
-    Target("64 streams p50 inter-token latency, 128/256", BIG, "ms", 10, False),
-    Target("TTFT idle server, 128-token prompt", BIG, "ms", 15, False),
-    Target("TTFT idle server, 2048-token prompt", BIG, "ms", 80, False),
-    Target("batch-1 decode (1 / TPOT), 128/256, through Triton", SMALL, "tok/s", 700, True),
-    Target("Python backend + gRPC overhead vs in-process engine, 64 streams", BIG, "%", 5, False),
+TARGETS = (  # the LLM engine v2 issue's targets (H200, through Triton, bf16, random weights)
+    Target("batch-1 decode (1 / TPOT), 128/256", BIG, "tok/s", 225, True),
+    Target("64 streams output throughput, 128/256", BIG, "tok/s", 8000, True),
+    Target("64 streams p50 inter-token latency, 128/256", BIG, "ms", 8, False),
+    Target("64 streams output throughput, 2048/256", BIG, "tok/s", 2300, True),
+    Target("64 streams TTFT p50, 2048/256", BIG, "ms", 1500, False),
+    Target("TTFT idle server, 128-token prompt (median of 20)", BIG, "ms", 15, False),
+    Target("TTFT idle server, 2048-token prompt (median of 20)", BIG, "ms", 60, False),
+    Target("TTFT p99 / p50 at 8 streams, 128/256", BIG, "x", 3, False),
+    Target("batch-1 decode (1 / TPOT), 128/256", SMALL, "tok/s", 1300, True),
+    Target("64 streams at 8k context within a 40 GiB KV budget: requests failed", BIG, "requests", 0, False),
 )
 
 
 ENCODER_TARGET = 50_000  # sentences/s at sequence length 128
 
 
-def level(shape_result: dict, isl_osl: tuple[int, int], concurrency: int) -> dict | None:
-    for lv in shape_result.get("triton", {}).get("levels", []):
-        if (lv["isl"], lv["osl"]) == isl_osl and lv["concurrency"] == concurrency:
+def workload_of(lv: dict) -> str:
+    return lv.get("workload") or f"{lv['isl']}:{lv['osl']}"
+
+
+def level(shape_result: dict, isl_osl: tuple[int, int], concurrency: int, source: str = "triton") -> dict | None:
+    for lv in shape_result.get(source, {}).get("levels", []):
+        if workload_of(lv) == f"{isl_osl[0]}:{isl_osl[1]}" and lv["concurrency"] == concurrency:
             return lv
+    return None
+
+
+def inproc_file(experiments: dict, shape: str, key: str = "") -> dict | None:
+    """An engine_inproc JSON of this shape (key: a substring of its label, e.g. '8k')."""
+    for label, e in (experiments or {}).items():
+        if e.get("shape") == shape and key in label:
+            return e
     return None
 
 
@@ -59,30 +74,49 @@ def inproc_level(shape_result: dict, concurrency: int) -> dict | None:
     return None
 
 
-def measure(target: Target, shapes: dict) -> float | None:
-    r = shapes.get(target.shape)
-    if r is None:
-        return None
+def measure(target: Target, shapes: dict, experiments: dict | None = None) -> tuple[float | None, str]:
+    """(value, source): through Triton when that run has it, else from an in-process run."""
+    r = shapes.get(target.shape, {})
     n = target.name
-    if n.startswith("batch-1 decode"):
-        lv = level(r, SHORT, 1)
-        return 1.0 / lv["tpot_p50_s"] if lv and lv.get("tpot_p50_s") else None
-    if n.startswith("64 streams output"):
-        lv = level(r, SHORT, 64)
-        return lv["tokens_per_s"] if lv else None
-    if n.startswith("64 streams p50"):
-        lv = level(r, SHORT, 64)
-        return lv["itl_p50_s"] * 1e3 if lv else None
-    if n.startswith("TTFT idle"):
-        isl = 128 if "128" in n else 2048
-        for t in r.get("triton", {}).get("ttft_idle", []):
-            if t["isl"] == isl:
-                return t["ttft_p50_s"] * 1e3
-        return None
-    if n.startswith("Python backend"):
-        lv, ip = level(r, SHORT, 64), inproc_level(r, 64)
-        return 100.0 * (1 - lv["tokens_per_s"] / ip["tokens_per_s"]) if lv and ip else None
-    raise AssertionError(f"no measure for target {n}")
+    inproc = {"levels": (inproc_file(experiments, target.shape) or {}).get("levels", [])}
+    if n.startswith("64 streams at 8k"):
+        e = inproc_file(experiments, target.shape, "8k")
+        if not e or not e.get("levels"):
+            return None, ""
+        lv = e["levels"][0]
+        return lv.get("failed", 0), f"in process, {lv['requests']} requests, {lv.get('preemptions', 0)} preemptions"
+    for source, res in (("Triton", r), ("in process", {"inproc": inproc})):
+        key = "triton" if source == "Triton" else "inproc"
+        if n.startswith("batch-1 decode"):
+            lv = level(res, SHORT, 1, key)
+            if lv:
+                if lv.get("tpot_p50_s"):
+                    return 1.0 / lv["tpot_p50_s"], source
+                return 1.0 / lv["itl_p50_s"], source + " (1 / ITL p50)"
+        elif n.startswith("64 streams output"):
+            lv = level(res, SHORT if "128/" in n else LONG, 64, key)
+            if lv:
+                return lv["tokens_per_s"], source
+        elif n.startswith("64 streams p50"):
+            lv = level(res, SHORT, 64, key)
+            if lv:
+                return lv["itl_p50_s"] * 1e3, source
+        elif n.startswith("64 streams TTFT"):
+            lv = level(res, LONG, 64, key)
+            if lv:
+                return lv["ttft_p50_s"] * 1e3, source
+        elif n.startswith("TTFT p99"):
+            lv = level(res, SHORT, 8, key)
+            if lv:
+                return lv["ttft_p99_s"] / lv["ttft_p50_s"], source
+        elif n.startswith("TTFT idle"):
+            isl = 128 if "128" in n else 2048
+            idle = r.get("triton", {}).get("ttft_idle", []) if source == "Triton" else \
+                (inproc_file(experiments, target.shape) or {}).get("idle_ttft", [])
+            for t in idle:
+                if t["isl"] == isl:
+                    return t["ttft_p50_s"] * 1e3, source
+    return None, ""
 
 
 def fmt(x, nd=1) -> str:
@@ -91,23 +125,23 @@ def fmt(x, nd=1) -> str:
     return f"{x:,.{nd}f}"
 
 
-def targets_table(shapes: dict) -> list[str]:
-    rows = ["| model | target | bound | measured | result |", "|---|---|---|---|---|"]
+def targets_table(shapes: dict, experiments: dict | None = None) -> list[str]:
+    rows = ["| model | target | bound | measured | where | result |", "|---|---|---|---|---|---|"]
     for t in TARGETS:
-        v = measure(t, shapes)
+        v, where = measure(t, shapes, experiments)
         ok = t.passed(v)
         bound = f"{'≥' if t.higher_is_better else '≤'} {fmt(t.bound, 0)} {t.unit}"
         res = "n/a (not measured)" if ok is None else ("**met**" if ok else "**missed**")
-        rows.append(f"| {t.shape} | {t.name} | {bound} | {fmt(v)} {t.unit if v is not None else ''} | {res} |")
+        rows.append(f"| {t.shape} | {t.name} | {bound} | {fmt(v)} {t.unit if v is not None else ''} | {where} | {res} |")
     return rows
 
 
 def levels_table(shape: str, r: dict) -> list[str]:
     rows = [f"#### {shape} through Triton (gRPC streaming)", "",
-            "| ISL/OSL | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT p50 ms |",
+            "| workload | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT p50 ms |",
             "|---|---|---|---|---|---|---|---|---|"]
     for lv in r.get("triton", {}).get("levels", []):
-        rows.append(f"| {lv['isl']}/{lv['osl']} | {lv['concurrency']} | {lv['requests']} | {fmt(lv['tokens_per_s'])} | "
+        rows.append(f"| {workload_of(lv)} | {lv['concurrency']} | {lv['requests']} | {fmt(lv['tokens_per_s'])} | "
                     f"{fmt(lv['ttft_p50_s'] * 1e3)} | {fmt(lv['ttft_p99_s'] * 1e3)} | {fmt(lv['itl_p50_s'] * 1e3, 2)} | "
                     f"{fmt(lv['itl_p99_s'] * 1e3, 2)} | {fmt(lv.get('tpot_p50_s', float('nan')) * 1e3, 2)} |")
     return rows
@@ -151,7 +185,7 @@ def plots(data: dict, out_dir: Path) -> list[str]:
         for shape, r in data["shapes"].items():
             by_w: dict[str, list] = {}
             for lv in r.get("triton", {}).get("levels", []):
-                by_w.setdefault(f"{lv['isl']}/{lv['osl']}", []).append((lv["concurrency"], lv[metric] * scale))
+                by_w.setdefault(workload_of(lv), []).append((lv["concurrency"], lv[metric] * scale))
             for w, pts in by_w.items():
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{shape} {w}")
@@ -212,6 +246,18 @@ def experiment_section(name: str, e: dict) -> list[str]:
         lines += ["| batch | context | step ms | tok/s |", "|---|---|---|---|"]
         lines += [f"| {d['batch']} | {d['context']} | {d['step_s'] * 1e3:.2f} | {fmt(d['tokens_per_s'])} |" for d in e["decode"]]
         lines += [""]
+    if e.get("levels"):
+        lines += [f"Closed loops in process (attention {e.get('attention')}, {e.get('kv_blocks')} KV blocks):", "",
+                  "| workload | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | host ms/step | preemptions |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {workload_of(lv)} | {lv['concurrency']} | {lv['requests']} | {fmt(lv['tokens_per_s'])} | "
+                  f"{fmt(lv['ttft_p50_s'] * 1e3)} | {fmt(lv['ttft_p99_s'] * 1e3)} | {fmt(lv['itl_p50_s'] * 1e3, 2)} | "
+                  f"{fmt(lv['itl_p99_s'] * 1e3, 2)} | {fmt(lv.get('host_ms_per_step'), 2)} | {lv.get('preemptions', 0)} |"
+                  for lv in e["levels"]]
+        lines += [""]
+    if e.get("idle_ttft"):
+        lines += ["Idle TTFT in process: " + ", ".join(f"{t['isl']} tokens **{t['ttft_p50_s'] * 1e3:.1f} ms** "
+                                                     f"(median of {t['n']})" for t in e["idle_ttft"]) + ".", ""]
     for p in e.get("prefill", []):
         lines += [f"Prefill of one {p['isl']}-token prompt in chunks of {p['chunk']}: **{p['prefill_s'] * 1e3:.1f} ms** wall.", "",
                   "<details><summary>profile</summary>", "", "```", p["cuda_table"].rstrip(), "```", "", "```",
@@ -240,7 +286,7 @@ def render(data: dict, hf_cb: dict[str, list[dict]] | None = None, encoder: dict
     if bw:
         lines += [f"Measured device copy bandwidth: **{bw['bandwidth_Bps'] / 1e12:.2f} TB/s** (read + write, "
                   f"{bw['bytes'] / 2**30:.0f} GiB copy, median of repeats).", ""]
-    lines += ["## Targets", ""] + targets_table(data["shapes"])
+    lines += ["## Targets", ""] + targets_table(data["shapes"], experiments)
     if encoder:
         best = encoder.get("best_128")
         ok = None if best is None else best >= ENCODER_TARGET

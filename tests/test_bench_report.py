@@ -41,9 +41,10 @@ SAMPLE = {
 
 def rows_by_target(md: str) -> dict[str, str]:
     out = {}
-    for line in md.splitlines():
+    section = md.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 5 and cells[0] in ("llama-3.1-8b", "tinyllama-1.1b"):
+        if len(cells) == 6 and cells[0] in ("llama-3.1-8b", "tinyllama-1.1b"):
             out[f"{cells[0]}: {cells[1]}"] = line
     return out
 
@@ -60,14 +61,32 @@ def test_each_target_has_its_figure_and_verdict(rendered):
     md, _ = rendered
     rows = rows_by_target(md)
     assert len(rows) == len(report.TARGETS)
-    assert "| 200.0 tok/s | **met** |" in rows["llama-3.1-8b: batch-1 decode (1 / TPOT), 128/256, through Triton"]
-    assert "| 6,000.0 tok/s | **missed** |" in rows["llama-3.1-8b: 64 streams output throughput, 128/256, through Triton"]
-    assert "| 12.2 ms | **missed** |" in rows["llama-3.1-8b: 64 streams p50 inter-token latency, 128/256"]
-    assert "| 12.0 ms | **met** |" in rows["llama-3.1-8b: TTFT idle server, 128-token prompt"]
-    assert "| 149.0 ms | **missed** |" in rows["llama-3.1-8b: TTFT idle server, 2048-token prompt"]
-    assert "| 4.0 % | **met** |" in rows["llama-3.1-8b: Python backend + gRPC overhead vs in-process engine, 64 streams"]
+    assert "| 200.0 tok/s | Triton | **missed** |" in rows["llama-3.1-8b: batch-1 decode (1 / TPOT), 128/256"]
+    assert "| 6,000.0 tok/s | Triton | **missed** |" in rows["llama-3.1-8b: 64 streams output throughput, 128/256"]
+    assert "| 12.2 ms | Triton | **missed** |" in rows["llama-3.1-8b: 64 streams p50 inter-token latency, 128/256"]
+    assert "| 12.0 ms | Triton | **met** |" in rows["llama-3.1-8b: TTFT idle server, 128-token prompt (median of 20)"]
+    assert "| 149.0 ms | Triton | **missed** |" in rows["llama-3.1-8b: TTFT idle server, 2048-token prompt (median of 20)"]
+    assert "| 8,000.0 ms | Triton | **missed** |" in rows["llama-3.1-8b: 64 streams TTFT p50, 2048/256"]
     # No TinyLlama data: reported as not measured, never as met.
-    assert "n/a (not measured)" in rows["tinyllama-1.1b: batch-1 decode (1 / TPOT), 128/256, through Triton"]
+    assert "n/a (not measured)" in rows["tinyllama-1.1b: batch-1 decode (1 / TPOT), 128/256"]
+
+
+def test_in_process_figures_fill_targets_the_triton_run_lacks(tmp_path):
+    path = tmp_path / "llm_bench.json"
+    path.write_text(json.dumps(SAMPLE))
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"shape": "tinyllama-1.1b", "levels": [
+        {"workload": "128:256", "concurrency": 1, "requests": 16, "tokens_per_s": 400.0, "ttft_p50_s": 0.01,
+         "ttft_p99_s": 0.02, "itl_p50_s": 0.0025, "itl_p99_s": 0.003}]}))
+    long8k = tmp_path / "8k.json"
+    long8k.write_text(json.dumps({"shape": "llama-3.1-8b", "levels": [
+        {"workload": "7680:256", "concurrency": 64, "requests": 64, "failed": 0, "preemptions": 12,
+         "tokens_per_s": 900.0, "ttft_p50_s": 5.0, "ttft_p99_s": 9.0, "itl_p50_s": 0.02, "itl_p99_s": 0.05}]}))
+    report.main([str(path), "--out-dir", str(tmp_path), "--experiment", f"tiny={tiny}", f"8k 40GiB={long8k}"])
+    rows = rows_by_target((tmp_path / "report.md").read_text())
+    assert "| 400.0 tok/s | in process (1 / ITL p50) | **missed** |" in rows["tinyllama-1.1b: batch-1 decode (1 / TPOT), 128/256"]
+    assert "in process, 64 requests, 12 preemptions | **met** |" in \
+        rows["llama-3.1-8b: 64 streams at 8k context within a 40 GiB KV budget: requests failed"]
 
 
 def test_header_names_gpu_and_versions_and_errors(rendered):
@@ -76,7 +95,7 @@ def test_header_names_gpu_and_versions_and_errors(rendered):
     assert "3.00 TB/s" in md
     assert "**triton_error**: `RuntimeError('boom')`" in md
     assert "| llama-3.1-8b | roofline (copy bandwidth / bytes per token) | 1 | 199.5 |" in md
-    assert "| 2048/256 | 64 | 64 | 800.0 | 8,000.0 |" in md
+    assert "| 2048:256 | 64 | 64 | 800.0 | 8,000.0 |" in md
 
 
 def test_plots_are_written_and_linked(rendered):

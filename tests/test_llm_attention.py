@@ -120,3 +120,28 @@ def test_engine_on_gpu_matches_transformers_with_either_attention(tmp_path):
         assert e.runner.attention_impl == impl and e.runner.use_graphs
         texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
         assert texts == reference * 2, impl
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rope_and_cache_write_matches_torch(dtype):
+    from llm.model import rotate_half
+
+    N, ctx = 37, 64
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(N, H + 2 * KVH, D, generator=g).to("cuda", dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    freqs = torch.outer(torch.arange(ctx).float(), inv)
+    cos = torch.cat([freqs, freqs], -1).cos().to("cuda", dtype)
+    sin = torch.cat([freqs, freqs], -1).sin().to("cuda", dtype)
+    pos = torch.randint(0, ctx, (N,), generator=g).cuda()
+    slots = (torch.randperm(16 * BS - BS, generator=g)[:N] + BS).cuda()
+    kc, vc = [torch.zeros(16, BS, KVH, D, dtype=dtype, device="cuda") for _ in range(2)]
+    q = attention.rope_and_write(qkv, cos, sin, pos, slots, kc, vc, H, KVH)
+    qk = qkv[:, : H + KVH].float()
+    ref = qk * cos[pos][:, None].float() + rotate_half(qk) * sin[pos][:, None].float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(q.float(), ref[:, :H], atol=tol, rtol=tol)
+    torch.testing.assert_close(kc.view(-1, KVH, D)[slots].float(), ref[:, H:], atol=tol, rtol=tol)
+    torch.testing.assert_close(vc.view(-1, KVH, D)[slots], qkv[:, H + KVH :])

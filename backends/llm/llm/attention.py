@@ -106,14 +106,65 @@ if triton is not None:
             v = tl.load(V + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        tl.store(ACC + b * s_ab + head[:, None] * s_ah + split * s_as + d[None, :], acc, mask=rmask[:, None])
-        tl.store(M + b * s_mb + head * s_mh + split, m_i, mask=rmask)
-        tl.store(L + b * s_mb + head * s_mh + split, l_i, mask=rmask)
+        if SPLITS == 1:  # normalized, in the output's dtype: no second pass
+            out = acc / l_i[:, None]
+            tl.store(ACC + b * s_ab + head[:, None] * s_ah + d[None, :], out.to(ACC.dtype.element_ty), mask=rmask[:, None])
+        else:
+            tl.store(ACC + b * s_ab + head[:, None] * s_ah + split * s_as + d[None, :], acc, mask=rmask[:, None])
+            tl.store(M + b * s_mb + head * s_mh + split, m_i, mask=rmask)
+            tl.store(L + b * s_mb + head * s_mh + split, l_i, mask=rmask)
+
+    @triton.jit
+    def _merge_splits_kernel(ACC, M, L, OUT, s_ab, s_ah, s_as, s_mb, s_mh, s_ob, s_oh,
+                             SPLITS: tl.constexpr, D: tl.constexpr):
+        # One program per (row, head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max m).
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        m = tl.load(M + b * s_mb + h * s_mh + sp)
+        l_ = tl.load(L + b * s_mb + h * s_mh + sp)
+        w = tl.exp(m - tl.max(m, 0))  # empty splits (m = -inf) weigh 0
+        acc = tl.load(ACC + b * s_ab + h * s_ah + sp[:, None] * s_as + d[None, :])
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l_ * w, 0)
+        tl.store(OUT + b * s_ob + h * s_oh + d, out.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _rope_write_kernel(QKV, COS, SIN, POS, SLOTS, Q_OUT, K_CACHE, V_CACHE,
+                           s_xn, s_xh, s_qn, s_qh, s_cn, s_ck, s_ch,
+                           H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
+        # One program per (token, head of q|k|v): RoPE on q and k heads (HF rotate_half convention:
+        # the two halves of a head rotate together), q to Q_OUT, k and v to their cache slot.
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        half = tl.arange(0, D // 2)
+        base = QKV + n * s_xn + h * s_xh
+        x1 = tl.load(base + half).to(tl.float32)
+        x2 = tl.load(base + D // 2 + half).to(tl.float32)
+        slot = tl.load(SLOTS + n).to(tl.int64)
+        if h < H + KVH:
+            p = tl.load(POS + n)
+            c = tl.load(COS + p * D + half).to(tl.float32)
+            s_ = tl.load(SIN + p * D + half).to(tl.float32)
+            y1 = x1 * c - x2 * s_
+            y2 = x2 * c + x1 * s_
+            if h < H:
+                dst = Q_OUT + n * s_qn + h * s_qh
+            else:
+                dst = K_CACHE + slot * s_ck + (h - H) * s_ch
+        else:
+            y1 = x1
+            y2 = x2
+            dst = V_CACHE + slot * s_ck + (h - H - KVH) * s_ch
+        tl.store(dst + half, y1.to(dst.dtype.element_ty))
+        tl.store(dst + D // 2 + half, y2.to(dst.dtype.element_ty))
 
 
 def num_splits(batch: int, kv_heads: int, sm_count: int) -> int:
-    """Split the keys when batch x kv heads alone would leave most SMs idle (batch 1: 8 programs)."""
-    return max(1, min(16, (2 * sm_count) // max(1, batch * kv_heads)))
+    """Split the keys when batch x kv heads alone would leave most SMs idle (batch 1: 8 programs);
+    a power of two (the merge kernel's tile)."""
+    n = max(1, min(16, (2 * sm_count) // max(1, batch * kv_heads)))
+    return 1 << (n.bit_length() - 1)
 
 
 def decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, splits: int = 1) -> torch.Tensor:
@@ -121,9 +172,13 @@ def decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, spli
     B, H, D = q.shape
     _, bs, KVH, _ = k_cache.shape
     n_rep = H // KVH
-    acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-    m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-    l_ = torch.empty_like(m)
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    if splits == 1:  # the kernel writes the normalized output
+        acc, m, l_ = out.unsqueeze(2), out, out
+    else:
+        acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        l_ = torch.empty_like(m)
     tile = max(16, min(64, bs * 4))
     _decode_kernel[(B, KVH, splits)](
         q, k_cache, v_cache, block_table, seq_lens, acc, m, l_, scale,
@@ -132,8 +187,20 @@ def decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, spli
         N_REP=n_rep, N_REP_P=max(16, triton.next_power_of_2(n_rep)), D=D, BS=bs, TILE=tile, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
-    if splits == 1:
-        return (acc[:, :, 0] / l_).to(q.dtype)
-    w = torch.exp(m - m.amax(dim=2, keepdim=True))  # [B, H, S]; empty splits (m = -inf) weigh 0
-    out = (acc * w[..., None]).sum(2) / (l_ * w).sum(2)[..., None]
-    return out.to(q.dtype)
+    if splits > 1:
+        _merge_splits_kernel[(B, H)](acc, m, l_, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0),
+                                     m.stride(1), out.stride(0), out.stride(1), SPLITS=splits, D=D, num_warps=1)
+    return out
+
+
+def rope_and_write(qkv, cos_table, sin_table, pos, slots, k_cache, v_cache, H: int, KVH: int) -> torch.Tensor:
+    """One kernel for RoPE on q and k, and the k/v cache writes. qkv [N, H+2KVH, D]; cos/sin tables
+    [max_context, D] (HF layout: both halves equal); pos, slots [N] -> q [N, H, D] (rotated)."""
+    N, _, D = qkv.shape
+    q = torch.empty(N, H, D, dtype=qkv.dtype, device=qkv.device)
+    kc, vc = k_cache.view(-1, KVH, D), v_cache.view(-1, KVH, D)
+    _rope_write_kernel[(N, H + 2 * KVH)](
+        qkv, cos_table, sin_table, pos, slots, q, kc, vc,
+        qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1), cos_table.stride(0), kc.stride(0), kc.stride(1),
+        H=H, KVH=KVH, D=D, num_warps=1)
+    return q

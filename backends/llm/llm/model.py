@@ -69,9 +69,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as HF (normalize in fp32, cast back, then scale) to be token-identical.
-        # F.rms_norm without a weight is that normalization, in one fused kernel where torch has one.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        if x.dtype == torch.float32:  # HF's exact op order (token-identical on CPU tests)
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        # Half precision: one fused kernel (fp32 inside, weight applied before the single cast back;
+        # HF casts before scaling, a last-bit difference).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,19 +103,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q, a.hidden_size, bias=False)
         self.scale = a.head_dim**-0.5
 
-    def forward(self, x, cos, sin, k_cache, v_cache, batch: Batch, decode_attention):
-        # x: [N, hidden]; cos/sin: [N, 1, D]; k_cache/v_cache: this layer's [blocks, block_size, KVH, D]
+    def forward(self, x, rope, k_cache, v_cache, batch: Batch, decode_attention):
+        # x: [N, hidden]; rope: (cos, sin) [N, 1, D], or with fused kernels (cos table, sin table, pos);
+        # k_cache/v_cache: this layer's [blocks, block_size, KVH, D]
         a = self.a
         N = x.shape[0]
         H, KVH, D = a.num_heads, a.num_kv_heads, a.head_dim
         qkv = self.wqkv(x).view(N, H + 2 * KVH, D)
-        # RoPE on q and k together (one set of elementwise kernels for both head groups).
-        qk = qkv[:, : H + KVH]
-        qk = qk * cos + rotate_half(qk) * sin  # [N, H+KVH, D]
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH :]
-        # Write this step's keys/values first: attention then reads everything from the cache.
-        k_cache.view(-1, KVH, D).index_copy_(0, batch.slots, k.to(k_cache.dtype))
-        v_cache.view(-1, KVH, D).index_copy_(0, batch.slots, v.to(v_cache.dtype))
+        # This step's keys/values are written first: attention then reads everything from the cache.
+        if len(rope) == 3:  # one Triton kernel: RoPE on q and k, k and v into their cache slots
+            q = attention.rope_and_write(qkv, *rope, batch.slots, k_cache, v_cache, H, KVH)
+            k = v = None
+        else:  # RoPE on q and k together (one set of elementwise kernels for both head groups)
+            cos, sin = rope
+            qk = qkv[:, : H + KVH]
+            qk = qk * cos + rotate_half(qk) * sin  # [N, H+KVH, D]
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH :]
+            k_cache.view(-1, KVH, D).index_copy_(0, batch.slots, k.to(k_cache.dtype))
+            v_cache.view(-1, KVH, D).index_copy_(0, batch.slots, v.to(v_cache.dtype))
         nd = batch.num_decode
         if not batch.chunks:  # decode only (the CUDA-graph case)
             y = decode_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
@@ -123,7 +130,12 @@ class Attention(nn.Module):
                 y[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
             for off, n, start, row in batch.chunks:
                 sl = slice(off, off + n)
-                y[sl] = attention.prefill(q[sl], k[sl], v[sl], k_cache, v_cache, row, start, self.scale)
+                if k is None:  # fused path: this chunk's k/v are in the cache already
+                    kc, vc = k_cache.view(-1, KVH, D), v_cache.view(-1, KVH, D)
+                    kk, vv = kc[batch.slots[sl]], vc[batch.slots[sl]]
+                else:
+                    kk, vv = k[sl], v[sl]
+                y[sl] = attention.prefill(q[sl], kk, vv, k_cache, v_cache, row, start, self.scale)
         return self.wo(y.reshape(N, H * D))
 
 
@@ -147,8 +159,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.ffn_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, batch, decode_attention):
-        h = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch, decode_attention)
+    def forward(self, x, rope, k_cache, v_cache, batch, decode_attention):
+        h = x + self.attention(self.attention_norm(x), rope, k_cache, v_cache, batch, decode_attention)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -164,6 +176,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [max_context, D]
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.decode_attention = attention.decode_torch  # the runner picks the implementation
+        self.fused_rope = False  # the runner turns on the Triton RoPE + cache-write kernel on CUDA
 
     def set_rope(self, hf_config, dtype: torch.dtype):
         # HF's own rotary module gives inv_freq and scaling for every rope type (llama3, yarn, ...).
@@ -181,9 +194,12 @@ class Transformer(nn.Module):
         which of the N tokens get logits (None: all). -> logits [len(logits_rows), V] fp32."""
         assert tokens.shape == pos.shape and tokens.dim() == 1, f"{tokens.shape} vs {pos.shape}"
         x = self.tok_embeddings(tokens)  # [N, hidden]
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # [N, 1, D]
+        if self.fused_rope:
+            rope = (self.rope_cos, self.rope_sin, pos)
+        else:
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # [N, 1, D] each
         for layer, (kc, vc) in zip(self.layers, caches):
-            x = layer(x, cos, sin, kc, vc, batch, self.decode_attention)
+            x = layer(x, rope, kc, vc, batch, self.decode_attention)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.output(self.norm(x)).float()

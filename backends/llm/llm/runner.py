@@ -42,6 +42,12 @@ def powers_of_two_upto(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
+def _padded_table(chunks: list[Chunk]) -> torch.Tensor:
+    """The block tables of the chunks' sequences as one int32 [rows, longest] tensor (padded with 0)."""
+    nb = max(len(c.seq.blocks) for c in chunks)
+    return torch.tensor([c.seq.blocks + [NULL_BLOCK] * (nb - len(c.seq.blocks)) for c in chunks], dtype=torch.int32)
+
+
 def bucket(n: int, buckets: list[int]) -> int:
     for b in buckets:
         if b >= n:
@@ -70,6 +76,7 @@ class ModelRunner:
         self.max_blocks = -(-self.max_context // self.block_size)  # per sequence
         self.attention_impl = self._pick_attention(settings.attention)
         self.model.decode_attention = self._decode_attention
+        self.model.fused_rope = self.attention_impl == "triton"
         self.sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0
         per_block = bytes_per_block(a.num_layers, a.num_kv_heads, a.head_dim, self.block_size, self.dtype)
         num_blocks = self._num_blocks(per_block)
@@ -197,11 +204,7 @@ class ModelRunner:
         dev = self.device
         table = lens = None
         if decode:
-            nb = max(len(c.seq.blocks) for c in decode)
-            table = torch.zeros(len(decode), nb, dtype=torch.int32)
-            for i, c in enumerate(decode):
-                table[i, : len(c.seq.blocks)] = torch.tensor(c.seq.blocks, dtype=torch.int32)
-            table = to_device(table, dev)
+            table = to_device(_padded_table(decode), dev)
             lens = to_device([c.start + 1 for c in decode], dev, torch.int32)
         chunks = [(off, c.n, c.start, to_device(c.seq.blocks, dev)) for off, c in zip(offsets, prefill)]
         batch = llm_model.Batch(to_device(slots, dev), len(decode), table, lens, chunks)
@@ -222,9 +225,7 @@ class ModelRunner:
         nb_live = max(len(c.seq.blocks) for c in decode)
         nb = bucket(nb_live, self._graph_block_buckets())
         dev = self.device
-        table = torch.zeros(B, nb_live, dtype=torch.int32)
-        for i, c in enumerate(decode):
-            table[i, : len(c.seq.blocks)] = torch.tensor(c.seq.blocks, dtype=torch.int32)
+        table = _padded_table(decode)
         # Every host->device copy is queued before the replay and none waits for the device
         # (llm/device.py): the previous step may still be running.
         self.tokens_buf[:B].copy_(to_device(tokens, dev), non_blocking=True)
