@@ -47,9 +47,10 @@ class GatewaySettings:
     # Most inputs in one /v1/embeddings request (OpenAI's own limit is 2048).
     max_embedding_inputs: int = 2048
     # Embedding texts in flight through the gateway (a request counts its texts; one request alone is
-    # always admitted); more are refused at once with 429 + Retry-After. 1024: ~3 s of work for the
-    # 2-core CPU (~350 texts/s), under the encoder queue's 5 s timeout.
-    max_embedding_texts_in_flight: int = 1024
+    # always admitted); more are refused at once with 429 + Retry-After. 512: ~1.5 s of work for the
+    # 2-core CPU (~350 texts/s), still under the encoder queue's 5 s timeout when the CPU runs at half
+    # speed (with 1024, a shared machine's soak saw accepted requests wait ~5 s and some time out there).
+    max_embedding_texts_in_flight: int = 512
     # Open connections + in-flight requests the HTTP server accepts before answering 503.
     max_connections: int = 1024
     # TLS: both set -> HTTPS.
