@@ -4,14 +4,14 @@ embeddings and on the streaming LLM. Not part of `make test`.
     python -m bench.soak [--minutes 3] [--probe-seconds 10] [--workloads embeddings,llm] [--out results/soak]
 
 Per workload:
-1. idle latency: the median of 10 sequential requests;
+1. idle latency: the median of 20 sequential requests;
 2. capacity: a warm-up, then closed loops at a few concurrencies (`--probe-seconds` each); capacity =
    the best rate of correct answers. Each worker counts its own answers: the first version of this
    script did `done[0] += (await one(...)) == 200` from 8 coroutines, and Python reads `done[0]`
    before the await, so concurrent workers overwrote each other's counts and the probe saw about an
    eighth of what was answered;
 3. load: requests arrive at 2x that rate (open loop, evenly spaced) for --minutes;
-4. 10 s after the last request was sent: the idle latency again (median of 10 sequential requests).
+4. 10 s after the last request was sent: the idle latency again (median of 20 sequential requests).
 
 Every answer is classified: `ok` (200 and a complete, correct-looking answer: a stream ending in
 `[DONE]` with finish_reason `length` and no error event; all embeddings), `overload` (429 or 503 with
@@ -53,6 +53,7 @@ WORKLOADS = {
 LATENCY_RECOVERED = 1.25  # idle latency 10 s after the load <= this x before
 FLAT = 0.05  # RSS and /dev/shm within +-5 %
 KEPT_RATE = 0.95  # the sender offered at least 95 % of 2x capacity
+IDLE_REQUESTS = 20  # sequential requests whose median is the idle latency
 
 
 @dataclass
@@ -144,10 +145,15 @@ async def one(client: HTTP, path: str, body: dict, raw: bytes) -> Outcome:
     return Outcome("ok", 200, dt) if good else Outcome("other", 200, dt, f"incomplete or error: {data[-300:]!r}")
 
 
-async def idle_latency_ms(request) -> float:
-    outcomes = [await request() for _ in range(10)]
+async def idle_latency_ms(request, prefix: str, gateway_pid: int) -> tuple[float, float]:
+    """(median latency of IDLE_REQUESTS sequential requests, CPU cores other processes on the machine
+    used meanwhile: on a shared machine they move this number)."""
+    t0, split0 = time.perf_counter(), cpu_split(prefix, gateway_pid)
+    outcomes = [await request() for _ in range(IDLE_REQUESTS)]
+    split1, wall = cpu_split(prefix, gateway_pid), time.perf_counter() - t0
     assert all(o.kind == "ok" for o in outcomes), [o.detail for o in outcomes if o.kind != "ok"]
-    return statistics.median(o.seconds for o in outcomes) * 1e3
+    others = ((split1[0] - split0[0]) - (split1[1] - split0[1])) / wall
+    return statistics.median(o.seconds for o in outcomes) * 1e3, others
 
 
 async def closed_loop(request, concurrency: int, seconds: float) -> tuple[float, list[Outcome]]:
@@ -188,6 +194,25 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def cpu_split(prefix: str, gateway_pid: int) -> tuple[float, float]:
+    """(CPU seconds used so far by the whole machine, by this soak: tritonserver, its stubs, the gateway and
+    this process). Their difference over the load is what other processes on the machine took."""
+    tck = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    machine = (sum(fields[:8]) - fields[3] - fields[4]) / tck  # all but idle and iowait
+    ours = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int(d.name) in (gateway_pid, os.getpid()) or prefix.encode() in (d / "cmdline").read_bytes():
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                ours += int(stat[11]) + int(stat[12])
+        except OSError:
+            continue
+    return machine, ours / tck
+
+
 def pct(values: list[float], q: float) -> float | None:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))] * 1e3 if values else None
@@ -201,7 +226,7 @@ async def soak(stack, name: str, minutes: float, probe_s: float) -> dict:
     def request():
         return one(c, path, body, raw)
     try:
-        before_ms = await idle_latency_ms(request)
+        before_ms, before_others = await idle_latency_ms(request, prefix, gw)
         await closed_loop(request, levels[1], 5)  # warm-up: every instance, the batcher, connections
         probes = {}
         for conc in levels:
@@ -223,7 +248,7 @@ async def soak(stack, name: str, minutes: float, probe_s: float) -> dict:
         await asyncio.sleep(0)
         mem0, shm0 = samples[0][1], samples[0][2]
         tasks, n, lag = [], int(rate * minutes * 60), 0.0
-        start, c0 = time.perf_counter(), cpu_s()
+        start, c0, split0 = time.perf_counter(), cpu_s(), cpu_split(prefix, gw)
         for i in range(n):
             due = start + i / rate
             now = time.perf_counter()
@@ -234,12 +259,14 @@ async def soak(stack, name: str, minutes: float, probe_s: float) -> dict:
             tasks.append(asyncio.create_task(request()))
         last_sent = time.perf_counter()
         client_cpu = (cpu_s() - c0) / (last_sent - start)
+        split1 = cpu_split(prefix, gw)
+        others_cpu = ((split1[0] - split0[0]) - (split1[1] - split0[1])) / (last_sent - start)
         sampler.cancel()
         mem1, shm1 = rss_mb(prefix, gw), shm_mb(prefix)
         mem_max = max([s[1] for s in samples] + [mem1])
         await asyncio.sleep(max(0.0, last_sent + 10 - time.perf_counter()))
         in_flight_at_10s = sum(not t.done() for t in tasks)
-        after_ms = await idle_latency_ms(request)
+        after_ms, after_others = await idle_latency_ms(request, prefix, gw)
         results = await asyncio.gather(*tasks)
         drained = time.perf_counter() - last_sent
         mem2, shm2 = rss_mb(prefix, gw), shm_mb(prefix)
@@ -253,7 +280,8 @@ async def soak(stack, name: str, minutes: float, probe_s: float) -> dict:
     others = sorted({o.detail for o in results if o.kind == "other"})[:5]
     offered = n / (last_sent - start)
     r = {"workload": name, "minutes": minutes, "probes": probes, "capacity_rps": capacity, "target_rps": rate,
-         "offered_rps": offered, "sender_max_lag_s": lag, "client_cpu_cores": client_cpu,
+         "offered_rps": offered, "served_rps": kinds["ok"] / (last_sent - start), "sender_max_lag_s": lag,
+         "client_cpu_cores": client_cpu, "other_processes_cpu_cores": others_cpu, "loadavg_1min_end": os.getloadavg()[0],
          "sent": n, "succeeded": kinds["ok"], "refused_overload": kinds["overload"], "other": kinds["other"],
          "other_examples": others, "statuses": statuses,
          "ok_p50_ms": pct([o.seconds for o in results if o.kind == "ok"], 0.5),
@@ -261,6 +289,7 @@ async def soak(stack, name: str, minutes: float, probe_s: float) -> dict:
          "refused_p50_ms": pct([o.seconds for o in results if o.kind == "overload"], 0.5),
          "refused_p99_ms": pct([o.seconds for o in results if o.kind == "overload"], 0.99),
          "idle_latency_before_ms": before_ms, "idle_latency_10s_after_ms": after_ms,
+         "other_processes_cpu_cores_idle_before": before_others, "other_processes_cpu_cores_idle_after": after_others,
          "in_flight_10s_after": in_flight_at_10s, "all_answered_after_s": drained,
          "rss_mb_start": mem0, "rss_mb_end": mem1, "rss_mb_max": mem_max, "rss_mb_after": mem2,
          "shm_mb_start": shm0, "shm_mb_end": shm1, "shm_mb_after": shm2}
@@ -282,24 +311,30 @@ def report(rows: list[dict], minutes: float, cpu: str) -> str:
              f"`python -m bench.soak --minutes {minutes:g}`, {time.strftime('%Y-%m-%d')}. Capacity: the best rate of "
              "correct answers of closed loops at a few concurrencies; then 2x that rate, open loop, evenly spaced, "
              f"for {minutes:g} minutes per workload, through the gateway. Load generator (one Python process, a minimal asyncio HTTP/1.1 client) "
-             "on the same 2 cores as Triton and the gateway.", "",
-             "| workload | capacity req/s (probe: concurrency -> req/s) | offered req/s | sent | succeeded | refused (overload) "
-             "| other | ok p50 / p99 ms | refused p50 / p99 ms | idle latency before / 10 s after ms | RSS MiB start / end "
-             "(max) | /dev/shm MiB start / end |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "on the same 2 cores as Triton and the gateway. "
+             "Other processes' CPU: what the rest of this shared machine used during the load (/proc/stat minus "
+             "this soak's processes).", "",
+             "| workload | capacity req/s (probe: concurrency -> req/s) | offered req/s | sent | succeeded (req/s) | "
+             "refused (overload) | other | ok p50 / p99 ms | refused p50 / p99 ms | idle latency before / 10 s after ms | "
+             "RSS MiB start / end (max) | /dev/shm MiB start / end | other processes' CPU, cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         probe = ", ".join(f"{k}: {p['ok_rps']:.1f}" for k, p in r["probes"].items())
         lines.append(f"| {r['workload']} | {r['capacity_rps']:.1f} ({probe}) | {r['offered_rps']:.1f} | {r['sent']} | "
-                     f"{r['succeeded']} | {r['refused_overload']} | {r['other']} | {f(r['ok_p50_ms'])} / {f(r['ok_p99_ms'])} | "
+                     f"{r['succeeded']} ({r['served_rps']:.1f}) | {r['refused_overload']} | {r['other']} | "
+                     f"{f(r['ok_p50_ms'])} / {f(r['ok_p99_ms'])} | "
                      f"{f(r['refused_p50_ms'])} / {f(r['refused_p99_ms'])} | {r['idle_latency_before_ms']:.1f} / "
                      f"{r['idle_latency_10s_after_ms']:.1f} | {r['rss_mb_start']:.0f} / {r['rss_mb_end']:.0f} "
-                     f"({r['rss_mb_max']:.0f}) | {r['shm_mb_start']:.0f} / {r['shm_mb_end']:.0f} |")
+                     f"({r['rss_mb_max']:.0f}) | {r['shm_mb_start']:.0f} / {r['shm_mb_end']:.0f} | "
+                     f"{r['other_processes_cpu_cores']:.2f} |")
     lines += ["", "Requirements (issue 10):", ""]
     for r in rows:
         checks = "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["checks"].items())
         lines.append(f"- **{r['workload']}: {'valid' if r['valid'] else 'NOT valid'}** ({checks}). Status codes: "
                      f"{r['statuses']}; sender's largest lag {r['sender_max_lag_s'] * 1e3:.0f} ms, its CPU "
-                     f"{r['client_cpu_cores']:.2f} cores; requests in flight 10 s after the last was sent: "
+                     f"{r['client_cpu_cores']:.2f} cores; other processes' CPU while the idle latency was measured "
+                     f"before / after: {r['other_processes_cpu_cores_idle_before']:.2f} / "
+                     f"{r['other_processes_cpu_cores_idle_after']:.2f} cores; requests in flight 10 s after the last was sent: "
                      f"{r['in_flight_10s_after']}; all answered {r['all_answered_after_s']:.1f} s after it."
                      + (f" Other answers, e.g.: {r['other_examples']}" if r["other_examples"] else ""))
     return "\n".join(lines) + "\n"
