@@ -12,6 +12,7 @@
 #                                              closed loops (128:256, 2048:256, chat), idle TTFT
 #   ours8b8k  64 streams of 7680:256 on 8B within a 40 GiB KV budget (preemption, nothing refused)
 #   hfnaive   transformers generate, 1 req     hfcb      transformers continuous batching (graphs off/on)
+#   hfstatic  transformers generate with a static cache (generate compiles the forward itself)
 #   bench     python -m bench.llm (Triton end to end; BENCH_ARGS, BENCH_OUT)
 #   encoder   MiniLM torch-fp16 CUDA-graph model through Triton (perf_analyzer)
 #   compile8b the same decode sweep with EngineSettings.compile (torch.compile of the step)
@@ -78,6 +79,8 @@ for s in "$@"; do
     hfnaive) for sh in tinyllama-1.1b llama-3.1-8b; do
                stage "hfnaive-$sh" 200 "$VPY" -m bench.baseline_hf --shape $sh --naive --out "$RES/hfnaive_$sh.json"
              done ;;
+    hfstatic) stage hfstatic-8b 300 "$VPY" -m bench.baseline_hf --shape llama-3.1-8b --static-compiled \
+                --out "$RES/hfstatic_llama-3.1-8b.json" ;;
     hfcb) stage hfcb-8b 300 "$VPY" -m bench.baseline_hf --shape llama-3.1-8b --continuous --concurrency 1 64 \
             --cuda-graph both --out "$RES/hfcb_llama-3.1-8b.json"
           stage hfcb-tiny 150 "$VPY" -m bench.baseline_hf --shape tinyllama-1.1b --continuous --concurrency 1 \

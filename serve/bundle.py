@@ -151,7 +151,7 @@ def stage(stage_dir: Path, python: str, wheel_cache: Path | None) -> dict:
     for rel in files:
         dst = top / "project" / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(paths.REPO_ROOT / rel, dst)
+        shutil.copy2(paths.REPO_ROOT / rel, dst, follow_symlinks=False)  # `llm` is a link into backends/llm
     shutil.copy2(SERVE_SCRIPT, top / "bundle_serve.sh")
     os.chmod(top / "bundle_serve.sh", 0o755)
 

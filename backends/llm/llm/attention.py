@@ -70,7 +70,9 @@ def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> t
 
 if triton is not None:
 
-    @triton.jit
+    # The block table's row stride varies with the batch's longest sequence in eager steps (and is 1
+    # for one-block tables): not specialized on, so no step ever waits for a JIT compile.
+    @triton.jit(do_not_specialize=["s_btb"])
     def _decode_kernel(Q, K, V, BT, LENS, ACC, M, L, scale,
                        s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ab, s_ah, s_as, s_mb, s_mh,
                        N_REP: tl.constexpr, N_REP_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
