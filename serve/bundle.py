@@ -107,7 +107,7 @@ def project_files(root: Path) -> list[str]:
     """Tracked and untracked-but-not-ignored files: generated weights/engines and .venv stay out."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *PROJECT_DIRS, *PROJECT_FILES],
                          cwd=root, check=True, capture_output=True, text=True).stdout
-    files = [f for f in out.splitlines() if f and (root / f).is_file()]
+    files = [f for f in out.splitlines() if f and ((root / f).is_file() or (root / f).is_symlink())]
     files = [f for f in files if "__pycache__" not in f and not f.endswith(".pyc") and f != "docs/HELPERS_BRIEF.md"]
     assert any(f.startswith("serve/") for f in files), "project listing lacks serve/: not a checkout?"
     return sorted(files)
