@@ -34,7 +34,7 @@ def stack(tmp_path_factory):
     repo = link_repo(tmp_path_factory.mktemp("faults") / "repo",
                      [MODEL_REPOSITORY / m for m in ("minilm", EMB, f"{EMB}_tokenize", f"{EMB}_pool")])
     # 2 KV slots and at most 2 waiting: overload is reachable with a handful of requests.
-    export(repository=repo, max_slots=2, max_waiting=2, max_tokens_cap=256)
+    export(repository=repo, max_seqs=2, max_waiting=2, max_tokens_cap=256)
     os.environ["LLM_FAULT_INJECTION"] = f"{MARKER}=error"  # inherited by the stubs (tests only)
     try:
         settings = GatewaySettings(access_log=False, canary_interval_s=1.0, hang_timeout_s=2.0, max_restarts=20)
