@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,8 @@ import torch
 
 from llm.device import resolve, to_device
 from llm.kv_cache import BlockPool
+from llm.request import (CANCELLED, ENGINE_ERROR, ERROR, FAULT_ENV, FAULTS, LENGTH, OVERLOADED,  # noqa: F401
+                         SLOW_FIRST_TOKEN_S, STOP, Metrics, Output, Request, Stats, parse_fault)
 from llm.runner import ModelRunner
 from llm.sampling import SamplingParams, make_generator, sample, validate
 from llm.scheduler import Chunk, Scheduler, Sequence
@@ -34,73 +36,6 @@ from llm.settings import EngineSettings
 from llm.text_stream import TextStream
 
 log = logging.getLogger(__name__)
-
-STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
-OVERLOADED = "overloaded"  # refused at admission (waiting list full, or waited too long): retryable
-# Fault injection, for tests only: "MARKER=error" or "MARKER=oom" makes the step that first computes
-# a prompt containing MARKER raise for that request (RuntimeError / torch.OutOfMemoryError).
-FAULT_ENV = "LLM_FAULT_INJECTION"
-FAULTS = {"error": lambda: RuntimeError("injected fault"), "oom": lambda: torch.OutOfMemoryError("injected out of memory")}
-# A first token later than this after arrival is logged with where the time went (queue, admission, prefill).
-SLOW_FIRST_TOKEN_S = 1.0
-ENGINE_ERROR = "internal engine error (see server log)"
-
-
-@dataclass
-class Output:
-    """One response. Streaming: `text` is the new text since the previous response; otherwise the
-    whole text in a single final response. Token counts are cumulative."""
-
-    text: str
-    finished: bool
-    finish_reason: str | None
-    num_input_tokens: int
-    num_output_tokens: int
-    error: str | None = None
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Output], None]
-    stream: bool = True
-    prefix_text: str = ""  # echoed prompt (exclude_input_in_output=false): starts the first response
-    is_cancelled: Callable[[], bool] | None = None
-    arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here
-    fault: str | None = None  # an injected fault (FAULT_ENV)
-    bounded: bool = True  # subject to max_waiting / max_queue_time_s (not: batch jobs of generate())
-
-
-@dataclass
-class Stats:
-    running: int
-    waiting: int
-    blocks_used: int
-    blocks_total: int
-    preemptions: int  # cumulative
-    prefix_queried_tokens: int  # cumulative
-    prefix_hit_tokens: int  # cumulative
-
-
-class Metrics:
-    """Engine observability hooks; the Triton model overrides them with pb_utils metrics."""
-
-    def first_token(self, seconds: float) -> None: ...
-    def step(self, seconds: float | None, tokens: int) -> None: ...  # time since the previous decode step (None: not an inter-token gap), new tokens
-    def gauges(self, stats: Stats) -> None: ...
-    # A request finished (called before its final response is emitted): flush counters now, so
-    # that a client that has received the final response reads totals that include its tokens.
-    def finished(self) -> None: ...
-
-
-def _parse_fault(spec: str) -> tuple[str, str] | None:
-    if not spec:
-        return None
-    marker, _, kind = spec.rpartition("=")
-    if not marker or kind not in FAULTS:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected MARKER=KIND with KIND in {sorted(FAULTS)}")
-    return marker, kind
 
 
 @dataclass
@@ -146,7 +81,7 @@ class Engine:
         self._last_metrics = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
+        self._fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         self._host_s = 0.0  # time in step() not spent waiting for the device (benchmarks: host work per step)
         self._wait_s = 0.0
 
