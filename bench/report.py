@@ -240,7 +240,9 @@ def overhead_rows(label: str, data: dict) -> list[str]:
 
 def experiment_section(name: str, e: dict) -> list[str]:
     """An engine_inproc JSON: decode steps (+ compile flag), prefill timings, profile tables."""
-    lines = [f"### {name}: {e.get('shape')}, torch.compile {'on' if e.get('compile') else 'off'}"
+    shape = e.get("shape")
+    shape = shape.get("name") if isinstance(shape, dict) else shape
+    lines = [f"### {name}: {shape}, torch.compile {'on' if e.get('compile') else 'off'}"
              f"{', build ' + fmt(e['build_s']) + ' s' if e.get('build_s') else ''}", ""]
     if e.get("decode"):
         lines += ["| batch | context | step ms | tok/s |", "|---|---|---|---|"]
@@ -255,6 +257,11 @@ def experiment_section(name: str, e: dict) -> list[str]:
                   f"{fmt(lv['itl_p99_s'] * 1e3, 2)} | {fmt(lv.get('host_ms_per_step'), 2)} | {lv.get('preemptions', 0)} |"
                   for lv in e["levels"]]
         lines += [""]
+    st = e.get("static_compiled")
+    if st:
+        lines += [f"transformers `generate` with a static KV cache (compiled by `generate`, CUDA graphs), batch "
+                  f"{st['batch']}, {st['isl']}/{st['osl']}: **{fmt(st['tokens_per_s'])} tok/s** "
+                  f"(compile and capture {fmt(st['compile_s'])} s).", ""]
     if e.get("idle_ttft"):
         lines += ["Idle TTFT in process: " + ", ".join(f"{t['isl']} tokens **{t['ttft_p50_s'] * 1e3:.1f} ms** "
                                                      f"(median of {t['n']})" for t in e["idle_ttft"]) + ".", ""]
