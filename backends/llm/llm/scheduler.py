@@ -54,10 +54,6 @@ class Sequence:
     def num_out(self) -> int:  # generated tokens, the in-flight one included
         return len(self.tokens) - self.prompt_len + self.in_flight
 
-    @property
-    def out_ids(self) -> list[int]:
-        return self.tokens[self.prompt_len :]
-
 
 @dataclass
 class Chunk:
