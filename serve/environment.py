@@ -21,6 +21,10 @@ STUB_NAME = "triton_python_backend_stub"
 # Set by the offline bundle (serve/bundle.py): an unpacked tritonserver tree instead of site-packages.
 SERVER_ROOT_ENV = "TRITONSERVER_ROOT"
 SERVER_LIBS_ENV = "TRITONSERVER_LIBS"
+# torch.compile's on-disk caches: inductor's compiled graphs and autotuning results, and OpenAI Triton's
+# kernel binaries. Kept across restarts so a server with compiled models (llm `compile`, torch_encoder
+# `compile`) starts warm; an environment that sets them (the container) keeps its own.
+COMPILE_CACHE_ENVS = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 
 
 class SetupError(RuntimeError):
@@ -57,6 +61,13 @@ def server_env(model_env: Path | None = None) -> dict[str, str]:
     libs = [str(server_libs())] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
     env.pop("PYTHONPATH", None)  # it does not reach the stub anyway; keep the two sides alike
+    return with_compile_cache(env)
+
+
+def with_compile_cache(env: dict[str, str]) -> dict[str, str]:
+    """env with the compile caches set (under build/compile-cache/ unless env names them)."""
+    for name, sub in COMPILE_CACHE_ENVS.items():
+        env.setdefault(name, str(paths.COMPILE_CACHE / sub))
     return env
 
 

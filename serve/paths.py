@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 PROJECT_BACKENDS = REPO_ROOT / "backends"  # our Python-based backends (backends/<name>/model.py)
 BUILD_DIR = REPO_ROOT / "build"
+COMPILE_CACHE = BUILD_DIR / "compile-cache"  # torch.compile's caches on a plain host (serve/environment.py)
 VENV = Path(os.environ.get("VENV", REPO_ROOT / ".venv")).resolve()
 
 

@@ -97,7 +97,7 @@ def test_triton_decode_matches_torch(dtype, splits):
 
 @pytest.mark.gpu
 @needs_triton
-def test_engine_on_gpu_matches_transformers_with_either_attention(tmp_path):
+def test_engine_on_gpu_matches_transformers_with_either_attention_eager_or_compiled(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from export.random_llm import write_random_checkpoint
@@ -114,12 +114,18 @@ def test_engine_on_gpu_matches_transformers_with_either_attention(tmp_path):
         ids = tok(p, return_tensors="pt")
         gen = hf.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:]
         reference.append(tok.decode(gen, skip_special_tokens=True))
+    from torch._dynamo.utils import counters
+
     for impl in ("torch", "triton"):
-        e = Engine(EngineSettings(checkpoint=str(ckpt), dtype="float32", max_seqs=4, max_context=256,
-                                  step_token_budget=32, attention=impl, kv_cache_budget_mb=64), device="cuda")
-        assert e.runner.attention_impl == impl and e.runner.use_graphs
-        texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
-        assert texts == reference * 2, impl
+        for compile in (False, True):  # compile: the decode graphs replay torch.compile'd layers
+            graphs = counters["stats"]["unique_graphs"]
+            e = Engine(EngineSettings(checkpoint=str(ckpt), dtype="float32", max_seqs=4, max_context=256,
+                                      step_token_budget=32, attention=impl, kv_cache_budget_mb=64, compile=compile),
+                       device="cuda")
+            assert e.runner.attention_impl == impl and e.runner.use_graphs
+            assert (counters["stats"]["unique_graphs"] > graphs) == compile
+            texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
+            assert texts == reference * 2, (impl, compile)
 
 
 @pytest.mark.gpu

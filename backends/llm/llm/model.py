@@ -189,9 +189,11 @@ class Transformer(nn.Module):
         device = self.output.weight.device
         self.rope_cos, self.rope_sin = cos[0].to(device), sin[0].to(device)
 
-    def forward(self, tokens, pos, caches, batch: Batch, logits_rows: torch.Tensor | None = None):
+    def forward(self, tokens, pos, caches, batch: Batch, logits_rows: torch.Tensor | None = None, block_fn=None):
         """tokens, pos: [N] int64 (flat over the batch); caches: (k, v) per layer; logits_rows:
-        which of the N tokens get logits (None: all). -> logits [len(logits_rows), V] fp32."""
+        which of the N tokens get logits (None: all); block_fn: runs one layer (call_block, or its
+        torch.compile'd form: one compiled graph serves every layer). -> logits [len(logits_rows), V] fp32."""
+        block_fn = block_fn or call_block
         assert tokens.shape == pos.shape and tokens.dim() == 1, f"{tokens.shape} vs {pos.shape}"
         x = self.tok_embeddings(tokens)  # [N, hidden]
         if self.fused_rope:
@@ -199,10 +201,16 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # [N, 1, D] each
         for layer, (kc, vc) in zip(self.layers, caches):
-            x = layer(x, rope, kc, vc, batch, self.decode_attention)
+            x = block_fn(layer, x, rope, kc, vc, batch, self.decode_attention)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.output(self.norm(x)).float()
+
+
+def call_block(layer: Block, x, rope, k_cache, v_cache, batch: Batch, decode_attention):
+    """One layer as a plain function: what the runner hands to torch.compile (regional compilation:
+    the layers share one graph per shape, so compiling 32 layers costs about as much as one)."""
+    return layer(x, rope, k_cache, v_cache, batch, decode_attention)
 
 
 def hf_to_fused(sd: dict[str, torch.Tensor], a: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
