@@ -15,18 +15,19 @@ import json
 import statistics
 import time
 
-from bench.shapes import SHAPES, LlamaShape
 
 SEED = 0
 
 
-def random_model(shape: LlamaShape, device: str = "cuda", dtype: str = "bfloat16", attn: str = "sdpa"):
-    """LlamaForCausalLM of `shape` with random (seeded) weights, built directly on the device."""
+def random_model(shape: str, device: str = "cuda", dtype: str = "bfloat16", attn: str = "sdpa"):
+    """LlamaForCausalLM of export/random_llm.py SHAPES[shape] with random (seeded) weights, built on the device."""
     import torch
     from transformers import LlamaForCausalLM
 
+    from export.random_llm import hf_config
+
     torch.manual_seed(SEED)
-    cfg = shape.hf_config()
+    cfg = hf_config(shape, bos_token_id=1, eos_token_id=2)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype), attn_implementation=attn)
     return model.eval().requires_grad_(False)
@@ -132,8 +133,13 @@ def continuous(model, isl: int, osl: int, concurrency: int, cuda_graph: bool, me
 
 
 def main(argv: list[str] | None = None) -> None:
+    import dataclasses
+
+    from export.random_llm import BENCH_SHAPES
+    from llm.model import ModelArgs
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
+    ap.add_argument("--shape", choices=BENCH_SHAPES, default="tinyllama-1.1b")
     ap.add_argument("--static-compiled", action="store_true", help="static cache + torch.compile, batch 1")
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--osl", type=int, default=256)
@@ -143,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both")
     ap.add_argument("--out", default=None, help="JSON file")
     args = ap.parse_args(argv)
-    shape = SHAPES[args.shape]
-    out = {"shape": shape.as_dict(), "naive": None, "continuous": []}
+    shape = args.shape
+    args_ = ModelArgs.from_shape(shape)
+    out = {"shape": {"name": shape, **dataclasses.asdict(args_), "params": args_.num_params()}, "naive": None,
+           "continuous": []}
     if args.naive:
         model = random_model(shape)
         out["naive"] = naive(model, args.isl, args.osl)

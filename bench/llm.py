@@ -316,7 +316,7 @@ def inproc_engine(model_dir: Path, device: str, workload, concurrency: int, prof
 def run(shapes, device: str, workloads, concurrency, out_dir: Path, baseline: bool = True,
         roofline_: bool = True, inproc: bool = True, overrides: dict | None = None) -> dict:
     from bench import baseline_hf, roofline
-    from bench.shapes import SHAPES
+    from export.random_llm import BENCH_SHAPES
 
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
@@ -348,11 +348,11 @@ def run(shapes, device: str, workloads, concurrency, out_dir: Path, baseline: bo
                     r["inproc_error"] = repr(e)
                     print(f"in-process run failed for {shape}: {e!r}", flush=True)
                 save()
-            if baseline and device == "cuda" and shape in SHAPES:
+            if baseline and device == "cuda" and shape in BENCH_SHAPES:
                 try:
                     import torch
 
-                    model = baseline_hf.random_model(SHAPES[shape])
+                    model = baseline_hf.random_model(shape)
                     r["hf_naive"] = baseline_hf.naive(model, *workloads[0])
                     r["hf_static_compiled"] = baseline_hf.static_compiled(model, *workloads[0])
                     del model
@@ -360,9 +360,9 @@ def run(shapes, device: str, workloads, concurrency, out_dir: Path, baseline: bo
                 except Exception as e:
                     r["hf_naive_error"] = repr(e)
                 save()
-            if roofline_ and device == "cuda" and shape in SHAPES:
+            if roofline_ and device == "cuda" and shape in BENCH_SHAPES:
                 isl, osl = workloads[0]
-                r["roofline"] = roofline.roofline(SHAPES[shape], result["copy_bandwidth"]["bandwidth_Bps"],
+                r["roofline"] = roofline.roofline(shape, result["copy_bandwidth"]["bandwidth_Bps"],
                                                   context=isl + osl // 2)
                 save()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

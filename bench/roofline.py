@@ -12,7 +12,8 @@ import argparse
 import json
 import statistics
 
-from bench.shapes import SHAPES, LlamaShape
+from export.random_llm import BENCH_SHAPES
+from llm.model import ModelArgs
 
 COPY_BYTES = 2 * 2**30  # 2 GiB source: far past the 50 MB L2
 COPY_REPEATS = 20
@@ -42,27 +43,29 @@ def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = COPY_REPEATS, device
     return {"bytes": nbytes, "median_s": med, "bandwidth_Bps": 2 * nbytes / med}
 
 
-def bytes_per_token(shape: LlamaShape, context: int = 0, dtype_bytes: int = 2) -> int:
+def bytes_per_token(args: ModelArgs, context: int = 0, dtype_bytes: int = 2) -> int:
     """Bytes read from device memory per decoded token at batch 1 with `context` cached tokens."""
-    weights = shape.num_params() - shape.vocab_size * shape.hidden_size * (0 if shape.tie_word_embeddings else 1)
-    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * context
+    weights = args.num_params() - args.vocab_size * args.hidden_size * (0 if args.tie_word_embeddings else 1)
+    kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * context
     return (weights + kv) * dtype_bytes
 
 
-def roofline(shape: LlamaShape, bandwidth_Bps: float, context: int = 0) -> dict:
-    b = bytes_per_token(shape, context)
-    return {"shape": shape.name, "params": shape.num_params(), "bytes_per_token": b, "context": context,
+def roofline(shape: str, bandwidth_Bps: float, context: int = 0) -> dict:
+    """shape: a name in export/random_llm.py SHAPES."""
+    args = ModelArgs.from_shape(shape)
+    b = bytes_per_token(args, context)
+    return {"shape": shape, "params": args.num_params(), "bytes_per_token": b, "context": context,
             "bandwidth_Bps": bandwidth_Bps, "tokens_per_s": bandwidth_Bps / b}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), action="append")
+    ap.add_argument("--shape", choices=BENCH_SHAPES, action="append")
     ap.add_argument("--context", type=int, default=128 + 128, help="mean cached tokens (ISL + OSL/2)")
     args = ap.parse_args(argv)
     bw = copy_bandwidth()
-    out = {"copy": bw, "roofline": [roofline(SHAPES[s], bw["bandwidth_Bps"], args.context)
-                                    for s in (args.shape or sorted(SHAPES))]}
+    out = {"copy": bw, "roofline": [roofline(s, bw["bandwidth_Bps"], args.context)
+                                    for s in (args.shape or BENCH_SHAPES)]}
     print(json.dumps(out, indent=1))
 
 

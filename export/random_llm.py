@@ -30,6 +30,9 @@ SHAPES = {
                                            high_freq_factor=4.0, original_max_position_embeddings=8192)),
 }
 
+# The shapes the GPU benchmarks run (public counterparts: TinyLlama-1.1B, Llama-3.1-8B).
+BENCH_SHAPES = ("tinyllama-1.1b", "llama-3.1-8b")
+
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"

@@ -62,6 +62,23 @@ class ModelArgs:
         )
 
 
+    @classmethod
+    def from_shape(cls, name: str) -> "ModelArgs":
+        """A benchmark shape of export/random_llm.py SHAPES (the one table of their numbers)."""
+        from export.random_llm import hf_config
+
+        return cls.from_hf(hf_config(name))
+
+    def num_params(self) -> int:
+        """Parameters of the checkpoint (the untied output head counted once more)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
+        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
