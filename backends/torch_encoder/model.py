@@ -15,7 +15,9 @@ config.pbtxt parameters (written by export/encoder_torch.py):
   cuda_graphs     "true"/"false"
   compile         "true": torch.compile (inductor, max-autotune) the full-batch buckets (batch = max_batch_size,
                   every sequence bucket) before capturing their graphs: +13% GPU throughput at 256x128,
-                  about 40 s of start-up per bucket; smaller batches stay uncompiled
+                  minutes of autotuning on the first start; smaller batches stay uncompiled. Restarts
+                  reuse inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, set by the launcher:
+                  serve/environment.py), which skips the autotuning
 """
 from __future__ import annotations
 
