@@ -16,6 +16,9 @@
 #   bench     python -m bench.llm (Triton end to end; BENCH_ARGS, BENCH_OUT)
 #   encoder   MiniLM torch-fp16 CUDA-graph model through Triton (perf_analyzer)
 #   compile8b the same decode sweep with EngineSettings.compile (torch.compile of the step)
+#   ready8b   server start-up of the 8B model (bench.ready_time; READY_ARGS="--cache DIR": a given cache)
+#   readyenc  the compiled MiniLM encoder's start-up, empty then warm compile cache
+#   budget    step_token_budget sweep: 64 streams of 2048:256 in process (BUDGETS="1024 2048 4096")
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 RES=/tmp/res
@@ -60,6 +63,10 @@ if [[ -f "$BUNDLE_TGZ" ]]; then
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi
 VPY=$(command -v python3)
+# One torch.compile cache for every stage, where the launcher keeps it (serve/environment.py): the
+# in-process stages and later server starts find what the first compile left.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$REPO/build/compile-cache/inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$REPO/build/compile-cache/triton}
 
 for s in "$@"; do
   case $s in
@@ -88,6 +95,13 @@ for s in "$@"; do
     bench) stage bench ${BENCH_TIMEOUT:-540} "$VPY" -m bench.llm --out-dir "$OUT/${BENCH_OUT:-bench}" ${BENCH_ARGS:-} ;;
     encoder) stage encoder ${ENC_TIMEOUT:-240} "$VPY" -m bench.encoder_gpu --random-weights ${ENC_ARGS:-} --out "$OUT/encoder/encoder_gpu.json" ;;
     encinproc) stage encinproc 300 "$VPY" -m bench.encoder_gpu --inproc --out "$RES/encoder_inproc.json" ;;
+    ready8b) stage ready8b ${READY_TIMEOUT:-300} "$VPY" -m bench.ready_time --llm llama-3.1-8b --starts ${READY_STARTS:-2} \
+               ${READY_ARGS:-} --out "$RES/ready_time_8b.json" ;;
+    readyenc) stage readyenc ${READY_TIMEOUT:-420} "$VPY" -m bench.ready_time --encoder --starts 2 --out "$RES/ready_time_encoder.json" ;;
+    budget) for b in ${BUDGETS:-1024 2048 4096}; do
+              stage "budget-$b" 150 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --set step_token_budget=$b \
+                --workload 2048:256 --concurrency 64 --requests 128 --out "$RES/budget_$b.json"
+            done ;;
     compile8b) stage compile8b ${COMPILE_TIMEOUT:-300} "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 64 \
                  --context 256 --set compile=true --workload --out "$RES/ours_8b_compiled.json" ;;
     *) log "unknown stage $s" ;;

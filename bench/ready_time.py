@@ -74,7 +74,8 @@ def encoder_model(repo: Path) -> tuple[str, callable]:
     return encoder_torch.DEFAULT_NAME, lambda server: {"check": check(server.grpc_url, cfg["vocab_size"])}
 
 
-def run(llm: str | None, encoder: bool, starts: int, device: str, work: Path) -> dict:
+def run(llm: str | None, encoder: bool, starts: int, device: str, work: Path, cache: Path | None = None) -> dict:
+    """cache: the compile cache directory (default: a new, empty one per model under work)."""
     out = {"starts": starts, "device": device, "models": {}}
     if device == "cuda":
         import torch
@@ -88,9 +89,9 @@ def run(llm: str | None, encoder: bool, starts: int, device: str, work: Path) ->
         t0 = time.perf_counter()
         name, probe = make(repo)
         export_s = time.perf_counter() - t0
-        cache = work / f"compile-cache-{kind}"
-        rows = timed_starts(repo, starts, cache, probe, work)
-        out["models"][name] = {"export_s": export_s, "starts": rows, "cache_mib": round(dir_mib(cache), 1)}
+        model_cache = cache or work / f"compile-cache-{kind}"
+        rows = timed_starts(repo, starts, model_cache, probe, work)
+        out["models"][name] = {"export_s": export_s, "starts": rows, "cache_mib": round(dir_mib(model_cache), 1)}
     return out
 
 
@@ -101,10 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--starts", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
+    ap.add_argument("--cache", default=None, help="compile cache directory (default: an empty one per model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="ready-time-"))
-    out = run(a.llm, a.encoder, a.starts, a.device, work)
+    out = run(a.llm, a.encoder, a.starts, a.device, work, Path(a.cache) if a.cache else None)
     print(json.dumps(out, indent=1), flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
