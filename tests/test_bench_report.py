@@ -125,3 +125,17 @@ def test_encoder_target_row(tmp_path):
     assert "| MiniLM-L6 encoder | sentences/s at sequence length 128, through Triton (perf_analyzer, gRPC) | " \
            "≥ 50,000 /s | 49,999 /s | **missed** |" in md
     assert "| 128 | 4 | 256 | 49,999.0 | 20.00 | 30.00 |" in md
+
+
+def test_warm_ready_time_target_reads_a_ready_time_run():
+    ready = {"models": {"llama_3_1_8b": {"starts": [
+        {"start": 1, "cache": "cold", "cache_mib_before": 0.0, "ready_s": 95.0, "first_request_s": 0.1},
+        {"start": 2, "cache": "warm", "cache_mib_before": 14.0, "ready_s": 24.0, "first_request_s": 0.1},
+        {"start": 3, "cache": "warm", "cache_mib_before": 14.0, "ready_s": 70.0, "first_request_s": 0.1},
+        {"start": 4, "cache": "warm", "cache_mib_before": 14.0, "ready_s": 30.0, "first_request_s": 0.1}]}}}
+    target = next(t for t in report.TARGETS if t.name.startswith("server ready"))
+    value, source = report.measure(target, {}, {"ready": ready})
+    assert value == 30.0 and target.passed(value)
+    assert "3 warm starts" in source and "empty cache 95 s" in source
+    assert report.measure(target, {}, {}) == (None, "")
+    assert "| llama_3_1_8b | 1 | cold (0.0 MiB) | 95.0 | 0.10 |" in report.experiment_section("ready", ready)
