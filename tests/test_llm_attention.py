@@ -126,6 +126,12 @@ def test_engine_on_gpu_matches_transformers_with_either_attention_eager_or_compi
             assert (counters["stats"]["unique_graphs"] > graphs) == compile
             texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
             assert texts == reference * 2, (impl, compile)
+            # One at a time: each prompt's first chunk is a lone fresh prefill, replayed from a prefill
+            # graph (token buckets 16/32 here); the repeats hit the prefix cache and run eagerly.
+            replays = e.runner.prefill_graph_replays
+            alone = [e.generate([p], SamplingParams(max_tokens=24))[0]["text"] for p in prompts * 2]
+            assert alone == reference * 2, (impl, compile, "one at a time")
+            assert e.runner.prefill_graph_replays > replays
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
 """Runs the model over one scheduled step: builds the flat batch, sizes the paged KV pool, and
-replays a CUDA graph when the step only decodes.
+replays a CUDA graph when the step only decodes, or only prefills one new prompt of <= 512 tokens.
 
 Flat batch order: decode rows (one token each) first, then prefill chunks. A decode-only step is
 padded to a batch bucket (powers of two up to max_seqs) and replayed from the graph captured for
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 GPU_RESERVE_BYTES = 1 << 30
 # Compiled decode buckets up to this batch size use coordinate-descent tuning (_compiled_step).
 TUNED_BATCH = 8
+# Prefill graphs (settings.prefill_graphs): token buckets up to this. Longer prompts keep the GPU busy
+# long enough for eager launches to run ahead of it.
+PREFILL_GRAPH_MAX_TOKENS = 512
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -99,6 +102,16 @@ class ModelRunner:
         self.lens_buf = torch.ones(n, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        # Prefill graphs: static inputs of one prompt padded to a token bucket (positions 0..P-1).
+        P = min(PREFILL_GRAPH_MAX_TOKENS, self.max_context, settings.step_token_budget)
+        self.prefill_buckets = powers_of_two_upto(16, P) if settings.prefill_graphs and self.use_graphs and P >= 16 else []
+        if self.prefill_buckets:
+            self.p_tokens = torch.zeros(P, dtype=torch.long, device=dev)
+            self.p_slots = torch.zeros(P, dtype=torch.long, device=dev)
+            self.p_pos = torch.arange(P, device=dev)
+            self.p_row = torch.zeros(1, dtype=torch.long, device=dev)  # the logits row: prompt length - 1
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graph_replays = 0
         log.info("model %s on %s %s: KV pool %d blocks x %d tokens (%.1f MiB, %.0f max-context sequences), "
                  "attention %s", a.architecture, self.device, self.dtype, num_blocks, self.block_size,
                  self.cache.nbytes / 2**20, (num_blocks - 1) / self.max_blocks, self.attention_impl)
@@ -106,6 +119,8 @@ class ModelRunner:
             for B in self.batch_buckets:
                 for nb in self._graph_block_buckets():
                     self._graph(B, nb)
+            for n in self.prefill_buckets:
+                self._prefill_graph(n)
 
     # ---- set-up ---------------------------------------------------------------------------------
 
@@ -205,6 +220,8 @@ class ModelRunner:
         sampled = [c for c in decode + prefill if c.sample]
         if not prefill and self.use_graphs:
             return self._decode_graph(decode, prev_tokens), sampled
+        if not decode and len(prefill) == 1 and self._fits_prefill_graph(prefill[0]):
+            return self._prefill_replay(prefill[0]), sampled
         return self._eager(decode, prefill, prev_tokens), sampled
 
     def _inputs(self, c: Chunk, tokens: list, pos: list, slots: list, flights: list, offset: int) -> None:
@@ -267,6 +284,53 @@ class ModelRunner:
         rows = [i for i, c in enumerate(decode) if c.sample]
         return out[:B] if len(rows) == B else out[to_device(rows, dev)]
 
+    def _fits_prefill_graph(self, c: Chunk) -> bool:
+        """A prompt's first chunk, all of its tokens known on the host, within the largest bucket."""
+        return bool(self.prefill_buckets) and c.start == 0 and c.n <= self.prefill_buckets[-1] \
+            and c.n <= len(c.seq.tokens)
+
+    def _prefill_replay(self, c: Chunk) -> torch.Tensor:
+        """One prompt's chunk [0, n) through the graph of its token bucket. Padding tokens (id 0,
+        positions n..) come after the prompt, so causal attention keeps them out of its rows; their
+        k/v go to slot 0 of the reserved block 0."""
+        tokens, pos, slots, flights = [], [], [], []
+        self._inputs(c, tokens, pos, slots, flights, 0)
+        n, dev = c.n, self.device
+        nb = bucket(n, self.prefill_buckets)
+        graph, out = self._prefill_graph(nb)  # first: a capture (warmup=False) overwrites the inputs
+        pad = [0] * (nb - n)
+        self.p_tokens[:nb].copy_(to_device(tokens + pad, dev), non_blocking=True)
+        self.p_slots[:nb].copy_(to_device(slots + pad, dev), non_blocking=True)
+        self.p_row.copy_(to_device([n - 1], dev), non_blocking=True)
+        graph.replay()
+        self.prefill_graph_replays += 1
+        return out if c.sample else out[:0]
+
+    def _prefill_graph(self, n: int):
+        if n not in self.prefill_graphs:
+            self.p_tokens.zero_()
+            self.p_slots.zero_()
+            self.p_row.fill_(n - 1)
+            batch = llm_model.Batch(self.p_slots[:n], 0, None, None, chunks=[(0, n, 0, self.p_slots[:1])])
+            args = (self.p_tokens[:n], self.p_pos[:n], self.cache.layers, batch, self.p_row)
+            self.prefill_graphs[n] = self._capture(self.model.forward, args)
+        return self.prefill_graphs[n]
+
+    def _capture(self, fn, args) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """fn(*args) warmed up on a side stream, then captured into a graph sharing self.pool."""
+        with torch.inference_mode():
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    fn(*args)
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*args)
+            self.pool = graph.pool()
+        return graph, out
+
     def _pad(self, B: int, Bb: int) -> None:
         """Rows B..Bb-1 of the static inputs: token 0 at position 0 into the reserved block 0."""
         if Bb > B:
@@ -283,17 +347,7 @@ class ModelRunner:
             self._pad(0, B)  # capture with harmless inputs
             batch = llm_model.Batch(self.slots_buf[:B], B, self.table_buf[:B, :nb], self.lens_buf[:B])
             args = (self.tokens_buf[:B], self.pos_buf[:B], self.cache.layers, batch, None)
-            with torch.inference_mode():
-                s = torch.cuda.Stream(self.device)
-                s.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(s):
-                    for _ in range(2):
-                        self.step_fn(*args)
-                torch.cuda.current_stream(self.device).wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = self.step_fn(*args)
-                self.pool = graph.pool()
+            graph, out = self._capture(self.step_fn, args)
             for buf, old in zip((self.tokens_buf, self.pos_buf, self.slots_buf, self.table_buf, self.lens_buf), saved):
                 buf.copy_(old)
             self.graphs[key] = (graph, out)

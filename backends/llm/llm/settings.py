@@ -57,6 +57,9 @@ class EngineSettings:
     # H200; a few seconds per bucket cold, cached on disk: docs/llm.md). CUDA only; CPU runs eagerly.
     cuda_graphs: bool = True
     compile: bool = True
+    # GPU: a step that only prefills one new prompt of up to 512 tokens (an idle server's first
+    # token) replays a CUDA graph per token bucket instead of launching ~20 kernels per layer.
+    prefill_graphs: bool = True
     # Launch step N+1 before reading step N's tokens on the host, so Python's per-token work
     # (detokenize, stop words, send) overlaps the device's work. Same outputs either way.
     overlap: bool = True
