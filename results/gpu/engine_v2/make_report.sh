@@ -8,4 +8,5 @@ d=results/gpu/engine_v2
   "8k context, 40 GiB KV budget=$d/ours_llama-3.1-8b_8k_40GiB.json" \
   "8B in process before the decode fusion=$d/before_fusion/ours_llama-3.1-8b.json" \
   "8B in process after the JIT-stall fix=$d/after_jit_fix/ours_llama-3.1-8b.json" \
-  "transformers baseline=$d/after_jit_fix/hfstatic_llama-3.1-8b.json"
+  "transformers baseline=$d/after_jit_fix/hfstatic_llama-3.1-8b.json" \
+  "8B server starts, empty then warm compile cache (compiled decode before coordinate descent)=$d/compile/ready_time_8b_before_cdt.json"
