@@ -15,7 +15,7 @@
 #   hfstatic  transformers generate with a static cache (generate compiles the forward itself)
 #   bench     python -m bench.llm (Triton end to end; BENCH_ARGS, BENCH_OUT)
 #   encoder   MiniLM torch-fp16 CUDA-graph model through Triton (perf_analyzer)
-#   compile8b the decode sweep with compile=false (eager kernels in the graphs), against ours8b (compiled)
+#   eager8b   the decode sweep with compile=false (eager kernels in the graphs), against ours8b (compiled)
 #   ready8b   server start-up of the 8B model (bench.ready_time; READY_ARGS="--cache DIR": a given cache)
 #   readyenc  the compiled MiniLM encoder's start-up, empty then warm compile cache
 #   budget    step_token_budget sweep: 64 streams of 2048:256 in process (BUDGETS="1024 2048 4096")
@@ -102,7 +102,7 @@ for s in "$@"; do
               stage "budget-$b" 150 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --set step_token_budget=$b \
                 --workload 2048:256 --concurrency 64 --requests 128 --out "$RES/budget_$b.json"
             done ;;
-    compile8b) stage compile8b ${COMPILE_TIMEOUT:-300} "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 64 \
+    eager8b) stage eager8b ${COMPILE_TIMEOUT:-300} "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 64 \
                  --context 256 --set compile=false --workload --out "$RES/ours_8b_eager.json" ;;
     *) log "unknown stage $s" ;;
   esac
