@@ -323,6 +323,28 @@ def check_perf_analyzer() -> Check:
     return Check("perf_analyzer", True, str(binary))
 
 
+def check_compile_cache(env: dict[str, str]) -> Check:
+    """torch.compile's caches (serve/environment.py): writable, and how much they hold (0 = the next
+    compiled model start is cold)."""
+    parts, bad = [], []
+    for name in environment.COMPILE_CACHE_ENVS:
+        path = Path(env[name])
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".doctor-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            bad.append(f"{name}={path}: {e.strerror or e}")
+            continue
+        mib = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        parts.append(f"{name}={path} ({mib:.0f} MiB)")
+    if bad:
+        return Check("compile cache", False, "; ".join(bad),
+                     f"point {' / '.join(environment.COMPILE_CACHE_ENVS)} at a writable directory (a volume in a container)")
+    return Check("compile cache", True, ", ".join(parts), info_only=True)
+
+
 def run_checks(opts: ServerOptions, gateway_port: int | None = None) -> list[Check]:
     env = environment.server_env(opts.model_env)
     repo = Path(opts.model_repository)
@@ -340,6 +362,7 @@ def run_checks(opts: ServerOptions, gateway_port: int | None = None) -> list[Che
         check_gpu(repo, found),
         check_placement(repo, found),
         check_tensorrt(repo),
+        check_compile_cache(env),
         check_models(repo),
         check_perf_analyzer(),
     ]

@@ -82,3 +82,15 @@ def test_python_instances_counts_python_based_backends(repo):
     cfg = repo / "add_one" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace("count: 1", "count: 3"))
     assert doctor.python_instances(repo) == 3
+
+
+def test_compile_cache_is_reported_and_an_unwritable_one_fails(tmp_path):
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c" / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "c" / "triton")}
+    (tmp_path / "c" / "inductor").mkdir(parents=True)
+    (tmp_path / "c" / "inductor" / "graph").write_bytes(b"x" * 3 * 2**20)
+    ok = doctor.check_compile_cache(env)
+    assert ok.ok and ok.info_only and "inductor (3 MiB)" in ok.detail and "triton (0 MiB)" in ok.detail
+    (tmp_path / "file").write_text("")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "file" / "triton")  # under a file: cannot be created
+    bad = doctor.check_compile_cache(env)
+    assert not bad.ok and "TRITON_CACHE_DIR" in bad.detail and "writable" in bad.fix
