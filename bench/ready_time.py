@@ -27,10 +27,23 @@ def dir_mib(path: Path) -> float:
 def timed_starts(repo: Path, starts: int, cache: Path, probe, log_dir: Path) -> list[dict]:
     """`starts` launches of the server on `repo` with the compile caches under `cache` (empty at first)."""
     from serve import environment
-    from serve.launcher import ServerOptions, TritonServer, free_port
 
+    saved = {name: os.environ.get(name) for name in environment.COMPILE_CACHE_ENVS}
     for name, sub in environment.COMPILE_CACHE_ENVS.items():
         os.environ[name] = str(cache / sub)  # server_env() passes them on to tritonserver
+    try:
+        return _starts(repo, starts, cache, probe, log_dir)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _starts(repo: Path, starts: int, cache: Path, probe, log_dir: Path) -> list[dict]:
+    from serve.launcher import ServerOptions, TritonServer, free_port
+
     rows = []
     for i in range(starts):
         opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(),

@@ -48,3 +48,17 @@ def test_closed_loop_generates_exactly_the_requested_tokens(engine, workload):
 def test_idle_ttft_is_a_median_of_single_requests(engine):
     r = idle_ttft(engine, 12, n=5)
     assert r["n"] == 5 and 0 < r["ttft_min_s"] <= r["ttft_p50_s"]
+
+
+def test_ready_time_starts_the_server_twice_on_one_cache_and_serves_each_time(tmp_path):
+    import os
+
+    from bench.ready_time import run
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    out = run("tiny", encoder=False, starts=2, device="cpu", work=tmp_path)
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before  # the caller's environment is restored
+    starts = out["models"]["tiny"]["starts"]
+    assert [s["start"] for s in starts] == [1, 2]
+    assert all(s["ready_s"] > 0 and s["first_request_s"] > 0 and s["ttft_s"] > 0 for s in starts)
+    assert starts[0]["cache_mib_before"] == 0.0 and starts[0]["cache"] == "cold"  # a new, empty cache
