@@ -135,8 +135,8 @@ def continuous(model, isl: int, osl: int, concurrency: int, cuda_graph: bool, me
 def main(argv: list[str] | None = None) -> None:
     import dataclasses
 
+    from bench.roofline import shape_args
     from export.random_llm import BENCH_SHAPES
-    from llm.model import ModelArgs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=BENCH_SHAPES, default="tinyllama-1.1b")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="JSON file")
     args = ap.parse_args(argv)
     shape = args.shape
-    args_ = ModelArgs.from_shape(shape)
+    args_ = shape_args(shape)
     out = {"shape": {"name": shape, **dataclasses.asdict(args_), "params": args_.num_params()}, "naive": None,
            "continuous": []}
     if args.naive:

@@ -12,7 +12,7 @@ import argparse
 import json
 import statistics
 
-from export.random_llm import BENCH_SHAPES
+from export.random_llm import BENCH_SHAPES, hf_config
 from llm.model import ModelArgs
 
 COPY_BYTES = 2 * 2**30  # 2 GiB source: far past the 50 MB L2
@@ -43,6 +43,11 @@ def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = COPY_REPEATS, device
     return {"bytes": nbytes, "median_s": med, "bandwidth_Bps": 2 * nbytes / med}
 
 
+def shape_args(shape: str) -> ModelArgs:
+    """The engine's view of an export/random_llm.py SHAPES entry (the one table of their numbers)."""
+    return ModelArgs.from_hf(hf_config(shape))
+
+
 def bytes_per_token(args: ModelArgs, context: int = 0, dtype_bytes: int = 2) -> int:
     """Bytes read from device memory per decoded token at batch 1 with `context` cached tokens."""
     weights = args.num_params() - args.vocab_size * args.hidden_size * (0 if args.tie_word_embeddings else 1)
@@ -52,7 +57,7 @@ def bytes_per_token(args: ModelArgs, context: int = 0, dtype_bytes: int = 2) -> 
 
 def roofline(shape: str, bandwidth_Bps: float, context: int = 0) -> dict:
     """shape: a name in export/random_llm.py SHAPES."""
-    args = ModelArgs.from_shape(shape)
+    args = shape_args(shape)
     b = bytes_per_token(args, context)
     return {"shape": shape, "params": args.num_params(), "bytes_per_token": b, "context": context,
             "bandwidth_Bps": bandwidth_Bps, "tokens_per_s": bandwidth_Bps / b}

@@ -61,14 +61,6 @@ class ModelArgs:
             sliding_window=window if use_window and window else None,
         )
 
-
-    @classmethod
-    def from_shape(cls, name: str) -> "ModelArgs":
-        """A benchmark shape of export/random_llm.py SHAPES (the one table of their numbers)."""
-        from export.random_llm import hf_config
-
-        return cls.from_hf(hf_config(name))
-
     def num_params(self) -> int:
         """Parameters of the checkpoint (the untied output head counted once more)."""
         h, d = self.hidden_size, self.head_dim
