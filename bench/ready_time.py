@@ -18,48 +18,35 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
-
-def dir_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+from serve import environment
+from serve.doctor import dir_mib
+from serve.launcher import ServerOptions, TritonServer, free_port
 
 
 def timed_starts(repo: Path, starts: int, cache: Path, probe, log_dir: Path) -> list[dict]:
     """`starts` launches of the server on `repo` with the compile caches under `cache` (empty at first)."""
-    from serve import environment
-
-    saved = {name: os.environ.get(name) for name in environment.COMPILE_CACHE_ENVS}
-    for name, sub in environment.COMPILE_CACHE_ENVS.items():
-        os.environ[name] = str(cache / sub)  # server_env() passes them on to tritonserver
-    try:
-        return _starts(repo, starts, cache, probe, log_dir)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    caches = {name: str(cache / sub) for name, sub in environment.COMPILE_CACHE_ENVS.items()}
+    with mock.patch.dict(os.environ, caches):  # server_env() passes them on; the caller's env is restored after
+        return [_start(repo, i + 1, cache, probe, log_dir) for i in range(starts)]
 
 
-def _starts(repo: Path, starts: int, cache: Path, probe, log_dir: Path) -> list[dict]:
-    from serve.launcher import ServerOptions, TritonServer, free_port
-
-    rows = []
-    for i in range(starts):
-        opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(),
-                             metrics_port=free_port(), log_file=log_dir / f"tritonserver-{repo.name}-{i + 1}.log",
-                             ready_timeout_s=900)
-        cache_mib = dir_mib(cache)
-        t0 = time.perf_counter()
-        with TritonServer(opts) as server:
-            ready = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            detail = probe(server)
-            first = time.perf_counter() - t1
-        rows.append({"start": i + 1, "cache": "warm" if cache_mib else "cold", "cache_mib_before": round(cache_mib, 1),
-                     "ready_s": ready, "first_request_s": first, **detail})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+def _start(repo: Path, n: int, cache: Path, probe, log_dir: Path) -> dict:
+    opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), log_file=log_dir / f"tritonserver-{repo.name}-{n}.log",
+                         ready_timeout_s=900)
+    cache_mib = dir_mib(cache)
+    t0 = time.perf_counter()
+    with TritonServer(opts) as server:
+        ready = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        detail = probe(server)
+        first = time.perf_counter() - t1
+    row = {"start": n, "cache": "warm" if cache_mib else "cold", "cache_mib_before": round(cache_mib, 1),
+           "ready_s": ready, "first_request_s": first, **detail}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def llm_model(repo: Path, shape: str, device: str) -> tuple[str, callable]:

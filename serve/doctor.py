@@ -323,6 +323,11 @@ def check_perf_analyzer() -> Check:
     return Check("perf_analyzer", True, str(binary))
 
 
+def dir_mib(path: Path) -> float:
+    """MiB of the files under path (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+
+
 def check_compile_cache(env: dict[str, str]) -> Check:
     """torch.compile's caches (serve/environment.py): writable, and how much they hold (0 = the next
     compiled model start is cold)."""
@@ -337,8 +342,7 @@ def check_compile_cache(env: dict[str, str]) -> Check:
         except OSError as e:
             bad.append(f"{name}={path}: {e.strerror or e}")
             continue
-        mib = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-        parts.append(f"{name}={path} ({mib:.0f} MiB)")
+        parts.append(f"{name}={path} ({dir_mib(path):.0f} MiB)")
     if bad:
         return Check("compile cache", False, "; ".join(bad),
                      f"point {' / '.join(environment.COMPILE_CACHE_ENVS)} at a writable directory (a volume in a container)")
