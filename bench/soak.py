@@ -152,8 +152,7 @@ async def idle_latency_ms(request, prefix: str, gateway_pid: int) -> tuple[float
     outcomes = [await request() for _ in range(IDLE_REQUESTS)]
     split1, wall = cpu_split(prefix, gateway_pid), time.perf_counter() - t0
     assert all(o.kind == "ok" for o in outcomes), [o.detail for o in outcomes if o.kind != "ok"]
-    others = ((split1[0] - split0[0]) - (split1[1] - split0[1])) / wall
-    return statistics.median(o.seconds for o in outcomes) * 1e3, others
+    return statistics.median(o.seconds for o in outcomes) * 1e3, others_cores(split0, split1, wall)
 
 
 async def closed_loop(request, concurrency: int, seconds: float) -> tuple[float, list[Outcome]]:
@@ -213,6 +212,11 @@ def cpu_split(prefix: str, gateway_pid: int) -> tuple[float, float]:
     return machine, ours / tck
 
 
+def others_cores(split0: tuple[float, float], split1: tuple[float, float], seconds: float) -> float:
+    """CPU cores the rest of the machine used between two cpu_split() readings `seconds` apart."""
+    return ((split1[0] - split0[0]) - (split1[1] - split0[1])) / seconds
+
+
 def pct(values: list[float], q: float) -> float | None:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))] * 1e3 if values else None
@@ -260,7 +264,7 @@ async def soak(stack, name: str, minutes: float, probe_s: float) -> dict:
         last_sent = time.perf_counter()
         client_cpu = (cpu_s() - c0) / (last_sent - start)
         split1 = cpu_split(prefix, gw)
-        others_cpu = ((split1[0] - split0[0]) - (split1[1] - split0[1])) / (last_sent - start)
+        others_cpu = others_cores(split0, split1, last_sent - start)
         sampler.cancel()
         mem1, shm1 = rss_mb(prefix, gw), shm_mb(prefix)
         mem_max = max([s[1] for s in samples] + [mem1])
