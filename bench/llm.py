@@ -194,6 +194,35 @@ def drive(url: str, model: str, prompts: list[str], osl: int | list[int], concur
     return asyncio.run(_level(url, model, prompts, osl, concurrency))
 
 
+ENGINE_COUNTERS = ("llm_engine_steps_total", "llm_engine_host_seconds_total", "llm_engine_device_wait_seconds_total",
+                   "llm_gc_pause_seconds_total")
+
+
+def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
+    """The engine-loop counters of `model` from the server's metrics port (backends/llm/model.py)."""
+    import re
+    import urllib.request
+
+    time.sleep(0.2)  # the engine publishes its counters every metrics_interval_s
+    with urllib.request.urlopen(metrics_url, timeout=5) as f:
+        text = f.read().decode()
+    out = {}
+    for name in ENGINE_COUNTERS:
+        m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
+        out[name] = float(m.group(1)) if m else float("nan")
+    return out
+
+
+def engine_split(before: dict, after: dict) -> dict:
+    """Per level, from the engine's counters: steps, host and device-wait ms per step, GC pauses."""
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    steps = max(1.0, d["llm_engine_steps_total"])
+    return {"engine_steps": int(d["llm_engine_steps_total"]),
+            "engine_host_ms_per_step": 1e3 * d["llm_engine_host_seconds_total"] / steps,
+            "engine_wait_ms_per_step": 1e3 * d["llm_engine_device_wait_seconds_total"] / steps,
+            "gc_pause_s": d["llm_gc_pause_seconds_total"]}
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 def versions() -> dict:
@@ -260,7 +289,9 @@ def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrenc
                     warm, warm_osl = level_prompts(tok, w, c, settings)
                     drive(server.grpc_url, name, warm, warm_osl, c)  # warm-up wave, not measured
                     prompts, osls = level_prompts(tok, w, requests_for(c), settings)
+                    before = engine_counters(server.metrics_url, name)
                     r = drive(server.grpc_url, name, prompts, osls, c) | {"workload": label}
+                    r |= engine_split(before, engine_counters(server.metrics_url, name))
                     if w != "chat":
                         r |= {"isl": w[0], "osl": w[1]}
                     print(json.dumps({"shape": shape, **r}), flush=True)

@@ -149,12 +149,15 @@ def targets_table(shapes: dict, experiments: dict | None = None) -> list[str]:
 
 def levels_table(shape: str, r: dict) -> list[str]:
     rows = [f"#### {shape} through Triton (gRPC streaming)", "",
-            "| workload | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT p50 ms |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| workload | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+            "TPOT p50 ms | engine host ms/step | device wait ms/step | GC pauses s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lv in r.get("triton", {}).get("levels", []):
         rows.append(f"| {workload_of(lv)} | {lv['concurrency']} | {lv['requests']} | {fmt(lv['tokens_per_s'])} | "
                     f"{fmt(lv['ttft_p50_s'] * 1e3)} | {fmt(lv['ttft_p99_s'] * 1e3)} | {fmt(lv['itl_p50_s'] * 1e3, 2)} | "
-                    f"{fmt(lv['itl_p99_s'] * 1e3, 2)} | {fmt(lv.get('tpot_p50_s', float('nan')) * 1e3, 2)} |")
+                    f"{fmt(lv['itl_p99_s'] * 1e3, 2)} | {fmt(lv.get('tpot_p50_s', float('nan')) * 1e3, 2)} | "
+                    f"{fmt(lv.get('engine_host_ms_per_step'), 2)} | {fmt(lv.get('engine_wait_ms_per_step'), 2)} | "
+                    f"{fmt(lv.get('gc_pause_s'), 2)} |")
     return rows
 
 

@@ -71,6 +71,42 @@ def test_greedy_independent_of_batching(checkpoint, reference, seqs, budget, ove
     assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
 
 
+def emulate_decode_graphs(e: Engine) -> list[int]:
+    """Decode steps take the runner's CUDA-graph path (`_decode_graph`: packed inputs, padding to a
+    batch bucket, in-flight tokens read on the device) on CPU: each 'graph' replays the eager model
+    over the static input buffers, as a captured graph does. -> the decode batch size of each step."""
+    from types import SimpleNamespace
+
+    from llm import model as llm_model
+
+    r, sizes = e.runner, []
+    r.use_graphs = True
+
+    def graph(B, nb):
+        out = torch.empty(B, r.vocab_size)
+
+        def replay():
+            batch = llm_model.Batch(r.slots_buf[:B], B, r.table_buf[:B, :nb], r.lens_buf[:B])
+            out.copy_(r.model(r.tokens_buf[:B], r.pos_buf[:B], r.cache.layers, batch, None))
+        return SimpleNamespace(replay=replay), out
+
+    decode_graph = r._decode_graph
+    r._graph = graph
+    r._decode_graph = lambda decode, prev: sizes.append(len(decode)) or decode_graph(decode, prev)
+    return sizes
+
+
+@pytest.mark.parametrize("seqs,overlap", [(16, True), (3, False)])
+def test_decode_graph_path_matches_transformers(checkpoint, reference, seqs, overlap):
+    e = make_engine(checkpoint, max_seqs=seqs, max_context=256, step_token_budget=64, overlap=overlap)
+    sizes = emulate_decode_graphs(e)
+    results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
+    assert len(sizes) >= MAX_TOKENS - 2 and max(sizes) > 1
+    if seqs == 16:  # some steps were padded to a larger bucket
+        assert any(n not in e.runner.batch_buckets for n in sizes)
+
+
 def test_stream_concatenation_equals_whole_text(engine):
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     whole = engine.generate(PROMPTS, params, stream=False)
@@ -213,6 +249,27 @@ def test_background_thread(checkpoint, reference):
     finally:
         e.stop()
     assert [x["text"] for x in r] == [reference[p][1] for p in PROMPTS[:3]]
+
+
+def test_start_freezes_the_heap_and_long_gc_pauses_are_logged(checkpoint, caplog):
+    import gc
+    import logging
+
+    e = make_engine(checkpoint, max_seqs=2, max_context=256)
+    e.start()
+    try:
+        # The loaded model, torch and transformers: far more objects than one request makes.
+        assert gc.get_freeze_count() > 100_000
+        e.gc_watch.threshold_s = 0.0  # every collection counts as long
+        with caplog.at_level(logging.WARNING, logger="llm.gc_pauses"):
+            gc.collect()
+        assert "garbage collection stopped every thread for" in caplog.text
+        assert e.step_stats()["gc_s"] > 0 and e.stats().gc_pause_s == e.step_stats()["gc_s"]
+        r = e.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True))  # still serves
+        assert r[0]["num_output_tokens"] == 3
+    finally:
+        e.stop()
+    assert gc.get_freeze_count() == 0 and e.gc_watch not in gc.callbacks
 
 
 @pytest.mark.parametrize("field,params", [

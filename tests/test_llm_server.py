@@ -222,6 +222,11 @@ def test_metrics_exported(server):
     assert _metric(server, "llm_inter_token_latency_seconds_count") >= 1
     assert _metric(server, "llm_kv_cache_usage_ratio") == 0.0
     assert _metric(server, "llm_requests_waiting") == 0
+    # Engine-loop timing: at least one step per generated token, each with some host time.
+    assert _metric(server, "llm_engine_steps_total") >= 4
+    assert _metric(server, "llm_engine_host_seconds_total") > 0
+    assert _metric(server, "llm_engine_device_wait_seconds_total") >= 0
+    assert _metric(server, "llm_gc_pause_seconds_total") >= 0
 
 
 def test_token_counter_current_at_final_response(server):

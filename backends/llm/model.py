@@ -125,16 +125,20 @@ class TritonMetrics(Metrics):
             F("llm_preemptions_total", "Sequences preempted for lack of KV blocks (recomputed later)", F.COUNTER),
             F("llm_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache", F.COUNTER),
             F("llm_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache (not recomputed)", F.COUNTER),
+            F("llm_engine_steps_total", "Engine steps (one forward over the scheduled batch each)", F.COUNTER),
+            F("llm_engine_host_seconds_total", "Engine-thread time in steps not spent waiting for the device (Python work and GIL waits)", F.COUNTER),
+            F("llm_engine_device_wait_seconds_total", "Engine-thread time spent waiting for the device's sampled tokens", F.COUNTER),
+            F("llm_gc_pause_seconds_total", "Garbage-collector pauses in the model process (every thread stops)", F.COUNTER),
         ]
-        ttft, itl, tokens, *gauges, preempt, queried, hit = self.families
+        ttft, itl, tokens, *gauges, preempt, queried, hit, steps, host, wait, gc_pause = self.families
         self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
         self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
         self.tokens = tokens.Metric(labels=labels)
         self.gauge_metrics = [f.Metric(labels=labels) for f in gauges]  # running, waiting, usage, used, free
-        self.counters = [f.Metric(labels=labels) for f in (preempt, queried, hit)]
+        self.counters = [f.Metric(labels=labels) for f in (preempt, queried, hit, steps, host, wait, gc_pause)]
         self._pending_tokens = 0
         self._last: tuple | None = None
-        self._counted = (0, 0, 0)
+        self._counted = (0,) * len(self.counters)
 
     def close(self) -> None:
         # Metric objects must be released before their families (pb_utils requirement).
@@ -167,7 +171,8 @@ class TritonMetrics(Metrics):
         if values != self._last:
             self._last = values
             self.post(lambda: [m.set(v) for m, v in zip(self.gauge_metrics, values)])
-        counted = (st.preemptions, st.prefix_queried_tokens, st.prefix_hit_tokens)
+        counted = (st.preemptions, st.prefix_queried_tokens, st.prefix_hit_tokens, st.steps, st.host_s, st.wait_s,
+                   st.gc_pause_s)
         deltas = [now - before for now, before in zip(counted, self._counted)]
         if any(deltas):
             self._counted = counted

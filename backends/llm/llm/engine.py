@@ -13,6 +13,7 @@ In-process use (benchmarks, tests):
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 
 from llm.device import resolve, to_device
+from llm.gc_pauses import GcWatch, freeze_startup_heap
 from llm.kv_cache import BlockPool
 from llm.request import (CANCELLED, ENGINE_ERROR, ERROR, FAULT_ENV, FAULTS, LENGTH, OVERLOADED,  # noqa: F401
                          SLOW_FIRST_TOKEN_S, STOP, Metrics, Output, Request, Stats, parse_fault)
@@ -84,6 +86,7 @@ class Engine:
         self._fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         self._host_s = 0.0  # time in step() not spent waiting for the device (benchmarks: host work per step)
         self._wait_s = 0.0
+        self.gc_watch = GcWatch()
 
     @property
     def waiting(self) -> list[Sequence]:
@@ -120,7 +123,11 @@ class Engine:
     # ---- background loop ------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Serve from a background thread. The process's start-up heap is frozen first (llm/gc_pauses.py:
+        a full collection over a loaded model stops every thread for up to a second)."""
         assert self._thread is None, "engine already started"
+        log.info("froze %d start-up objects out of the garbage collector's way", freeze_startup_heap())
+        self.gc_watch.install()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
@@ -130,6 +137,8 @@ class Engine:
             self._stop.set()
             self._thread.join()
             self._thread = None
+            self.gc_watch.remove()
+            gc.unfreeze()  # what the engine leaves behind can be collected again
         self._drain()
         self._pending = None
         for seq in self.running + self.waiting:
@@ -166,8 +175,9 @@ class Engine:
         self._host_s += time.perf_counter() - t0 - (self._wait_s - wait0)
 
     def step_stats(self) -> dict:
-        """Steps run, and the host time they took beyond waiting for the device (cumulative)."""
-        return {"steps": self._steps, "host_s": self._host_s}
+        """Steps run, the host time they took beyond waiting for the device, the time waiting for it,
+        and the garbage collector's pauses while serving (cumulative)."""
+        return {"steps": self._steps, "host_s": self._host_s, "wait_s": self._wait_s, "gc_s": self.gc_watch.total_s}
 
     def _step(self) -> None:
         self._drain()
@@ -324,7 +334,8 @@ class Engine:
     def stats(self) -> Stats:
         sc = self.scheduler
         return Stats(len(self.running), len(self.waiting) + self._incoming.qsize(), self.pool.num_used,
-                     self.pool.usable, sc.preemptions, sc.prefix_queried, sc.prefix_hit)
+                     self.pool.usable, sc.preemptions, sc.prefix_queried, sc.prefix_hit, self._steps, self._host_s,
+                     self._wait_s, self.gc_watch.total_s)
 
     def _publish_metrics(self, force: bool) -> None:
         now = time.perf_counter()

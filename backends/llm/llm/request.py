@@ -56,6 +56,11 @@ class Stats:
     preemptions: int  # cumulative
     prefix_queried_tokens: int  # cumulative
     prefix_hit_tokens: int  # cumulative
+    # Cumulative engine-loop timing (diagnoses host- vs device-bound steps, also through Triton):
+    steps: int = 0
+    host_s: float = 0.0  # in steps, not waiting for the device (Python work, and waits for the GIL)
+    wait_s: float = 0.0  # waiting for the device's sampled tokens
+    gc_pause_s: float = 0.0  # garbage-collector pauses since the engine started (every thread stops)
 
 
 class Metrics:

@@ -259,27 +259,37 @@ class ModelRunner:
         return self.model(tok, to_device(pos, dev), self.cache.layers, batch, to_device(rows, dev))
 
     def _decode_graph(self, decode: list[Chunk], prev_tokens) -> torch.Tensor:
-        tokens, pos, slots, flights = [], [], [], []
-        for c in decode:
-            self._inputs(c, tokens, pos, slots, flights, len(tokens))
+        """The decode rows padded to their batch bucket Bb, through that bucket's graph. The inputs
+        travel in two host->device copies (int64 [4, Bb]: token, position, KV slot, in-flight row;
+        int32 [Bb, 1 + blocks]: length and block table), and none waits for the device
+        (llm/device.py): the previous step may still be running. Padding rows compute token 0 at
+        position 0 into the reserved block 0."""
         B = len(decode)
         Bb = bucket(B, self.batch_buckets)
         nb_live = max(len(c.seq.blocks) for c in decode)
         nb = bucket(nb_live, self._graph_block_buckets())
-        dev = self.device
-        table = _padded_table(decode)
-        # Every host->device copy is queued before the replay and none waits for the device
-        # (llm/device.py): the previous step may still be running.
-        self.tokens_buf[:B].copy_(to_device(tokens, dev), non_blocking=True)
-        if flights:
-            dst, src = zip(*flights)
-            self.tokens_buf[to_device(list(dst), dev)] = prev_tokens[to_device(list(src), dev)]
-        self.pos_buf[:B].copy_(to_device(pos, dev), non_blocking=True)
-        self.slots_buf[:B].copy_(to_device(slots, dev), non_blocking=True)
-        self.table_buf[:B, :nb_live].copy_(to_device(table, dev), non_blocking=True)
-        self.lens_buf[:B].copy_(to_device([c.start + 1 for c in decode], dev, torch.int32), non_blocking=True)
-        self._pad(B, Bb)
+        bs, dev, pad = self.block_size, self.device, Bb - B
+        tokens, pos, slots, src = [], [], [], []
+        for c in decode:
+            seq, p = c.seq, c.start
+            known = p < len(seq.tokens)  # else: the in-flight token, read from prev_tokens on the device
+            tokens.append(seq.tokens[p] if known else 0)
+            src.append(-1 if known else seq.flight_row)
+            pos.append(p)
+            slots.append(seq.blocks[p // bs] * bs + p % bs)
+        zeros = [0] * pad
+        x = to_device([tokens + zeros, pos + zeros, slots + zeros, src + [-1] * pad], dev)
+        y = to_device([[c.start + 1] + c.seq.blocks + [NULL_BLOCK] * (nb_live - len(c.seq.blocks)) for c in decode]
+                      + [[1] + [NULL_BLOCK] * nb_live] * pad, dev, torch.int32)
+        tok = x[0]
+        if max(src) >= 0:
+            tok = torch.where(x[3] >= 0, prev_tokens[x[3].clamp(min=0)], tok)
         graph, out = self._graph(Bb, nb)
+        self.tokens_buf[:Bb].copy_(tok)
+        self.pos_buf[:Bb].copy_(x[1])
+        self.slots_buf[:Bb].copy_(x[2])
+        self.lens_buf[:Bb].copy_(y[:, 0])
+        self.table_buf[:Bb, :nb_live].copy_(y[:, 1:])
         graph.replay()
         rows = [i for i, c in enumerate(decode) if c.sample]
         return out[:B] if len(rows) == B else out[to_device(rows, dev)]

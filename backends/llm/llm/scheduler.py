@@ -75,6 +75,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self._evicted: set[int] = set()  # ids of sequences preempted during the current schedule()
         self.prefix_queried = self.prefix_hit = 0  # prompt tokens looked up / found in the prefix cache
         need = -(-max_context // self.bs)
         if pool.usable < need:
@@ -110,9 +111,12 @@ class Scheduler:
         scheduled: set[int] = set()
         # Decoding sequences first (one token each), then those still prefilling.
         order = sorted(self.running, key=lambda q: q.num_known - q.num_computed != 1)
+        self._evicted = set()
         for seq in order:
-            if seq not in self.running or budget <= 0:
-                continue  # preempted meanwhile
+            if budget <= 0:
+                break
+            if id(seq) in self._evicted:
+                continue
             n = self._tokens_to_compute(seq, budget)
             if n and self._reserve(seq, seq.num_computed + n, scheduled):
                 chunks.append(Chunk(seq, seq.num_computed, n, seq.num_computed + n == seq.num_known))
@@ -152,15 +156,18 @@ class Scheduler:
         """Blocks for seq's first `upto` tokens, preempting the newest unscheduled running sequences
         when the pool is dry. False if seq itself had to be preempted."""
         need = -(-upto // self.bs) - len(seq.blocks)
+        if need <= 0:  # the common decode step: its block has room
+            return True
         while need > self.pool.num_free:
             victim = next(q for q in reversed(self.running) if id(q) not in scheduled)
             self._preempt(victim)
             if victim is seq:
                 return False
-        seq.blocks += [self.pool.allocate() for _ in range(max(0, need))]
+        seq.blocks += [self.pool.allocate() for _ in range(need)]
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self._evicted.add(id(seq))
         self.running.remove(seq)
         self._reset(seq)
         seq.preempted = True
