@@ -187,6 +187,9 @@ async def _level(url: str, model: str, prompts: list[str], osl: int | list[int],
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "itl_mean_s": float(np.mean(itl)) if itl else float("nan"),
             "tpot_p50_s": percentile([r["tpot"] for r in results], 50),
+            # Each request's (start after the level's start, TTFT), in start order: shows whether a
+            # slow first token is the level's first request, or random.
+            "ttft_each_s": [[round(r["t0"] - t0, 4), round(r["ttft"], 4)] for r in sorted(results, key=lambda r: r["t0"])],
             "input_tokens_mean": float(np.mean([r["input_tokens"] or 0 for r in results]))}
 
 
