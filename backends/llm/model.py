@@ -313,7 +313,11 @@ class TritonPythonModel:
     def finalize(self):
         # A finalize slower than this writes every thread's stack to the server log (shutdown hangs).
         faulthandler.dump_traceback_later(FINALIZE_DUMP_S, exit=False)
+        t0 = time.perf_counter()
+        log.info("finalize: stopping the engine")
         self.engine.stop()  # joins the engine thread (final responses of what was in flight are queued)
+        t1 = time.perf_counter()
         self.sender.close()  # sends them; nothing uses the metrics after this
         self.metrics.close()
         faulthandler.cancel_dump_traceback_later()
+        log.info("finalize: engine stopped in %.2f s, responses sent in %.2f s", t1 - t0, time.perf_counter() - t1)
