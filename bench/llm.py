@@ -174,9 +174,19 @@ async def _level(url: str, model: str, prompts: list[str], osl: int | list[int],
             i, (p, o) = queue.pop(0)
             results.append(await _one_request(client, model, p, o, f"w{w}-{i}", batch_dim))
 
+    stall = [0.0]  # the client's longest event-loop stall: responses waiting on the client, not the server
+
+    async def watchdog():
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            stall[0] = max(stall[0], time.perf_counter() - t - 0.01)
+
+    wd = asyncio.create_task(watchdog())
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - t0
+    wd.cancel()
     for c in clients:
         await c.close()
     ttft = [r["ttft"] for r in results]
@@ -185,7 +195,7 @@ async def _level(url: str, model: str, prompts: list[str], osl: int | list[int],
     return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
-            "itl_mean_s": float(np.mean(itl)) if itl else float("nan"),
+            "itl_mean_s": float(np.mean(itl)) if itl else float("nan"), "client_loop_stall_max_s": stall[0],
             "tpot_p50_s": percentile([r["tpot"] for r in results], 50),
             # Each request's (start after the level's start, TTFT), in start order: shows whether a
             # slow first token is the level's first request, or random.
@@ -194,7 +204,20 @@ async def _level(url: str, model: str, prompts: list[str], osl: int | list[int],
 
 
 def drive(url: str, model: str, prompts: list[str], osl: int | list[int], concurrency: int) -> dict:
-    return asyncio.run(_level(url, model, prompts, osl, concurrency))
+    """One closed-loop level. The client's own garbage-collector pauses are timed (a pause stalls
+    every stream's delivery, which the client would record as the server's latency) and reported."""
+    import gc
+
+    from llm.gc_pauses import GcWatch
+
+    gc.collect()  # start every level with an empty young heap
+    watch = GcWatch(threshold_s=float("inf"))
+    watch.install()
+    try:
+        r = asyncio.run(_level(url, model, prompts, osl, concurrency))
+    finally:
+        watch.remove()
+    return r | {"client_gc_pause_s": watch.total_s, "client_gc_longest_s": watch.longest_s}
 
 
 ENGINE_COUNTERS = ("llm_engine_steps_total", "llm_engine_host_seconds_total", "llm_engine_device_wait_seconds_total",
@@ -280,6 +303,10 @@ def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrenc
     opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                          log_file=log_dir / f"tritonserver-{name}.log", ready_timeout_s=600)
     out = {"shape": shape, "model": name, "export_s": export_s, "settings": settings.to_parameters(), "levels": []}
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the client's start-up heap (torch, transformers, grpc) out of its collector's way
     with GpuMemoryPoller() as mem:
         t0 = time.perf_counter()
         with TritonServer(opts) as server:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 
 CLOSE_TIMEOUT_S = 5.0
+# A Sender call (response send, metric update, cancellation poll) queued and run for longer than this
+# is logged: the responses queued behind it reach their clients that much later.
+SLOW_SEND_S = 0.25
 FINALIZE_DUMP_S = 4.0
 
 
@@ -61,7 +64,7 @@ class Sender:
 
     def post(self, fn, essential: bool = True) -> None:
         """essential=False (metric updates): dropped once close() has begun."""
-        self._q.put(fn if essential else _Optional(fn))
+        self._q.put((time.perf_counter(), fn if essential else _Optional(fn)))
 
     def track(self, key: int, request, state: list) -> None:
         """Poll request.is_cancelled() here every CANCEL_POLL_S until untrack(key); state[0] = the flag."""
@@ -74,7 +77,7 @@ class Sender:
     def close(self) -> None:
         """Send what is queued, then stop."""
         self._closing = True
-        self._q.put(None)
+        self._q.put((time.perf_counter(), None))
         # Bounded: an IPC call the server no longer answers while it unloads the model must not keep
         # finalize() (and so the server's shutdown) waiting; the thread is a daemon.
         self._thread.join(timeout=CLOSE_TIMEOUT_S)
@@ -85,25 +88,37 @@ class Sender:
         next_poll = time.monotonic() + CANCEL_POLL_S
         while True:
             try:
-                fn = self._q.get(timeout=max(0.0, next_poll - time.monotonic()))
+                posted, fn = self._q.get(timeout=max(0.0, next_poll - time.monotonic()))
             except queue.Empty:
-                fn = False
+                posted, fn = None, False
             if fn is None:
                 return
             if isinstance(fn, _Optional):
                 fn = False if self._closing else fn.fn
             if fn:
+                t0 = time.perf_counter()
                 try:
                     fn()
                 except Exception:  # noqa: BLE001 - one failed call must not stop the others
                     log.error("sender: %s", traceback.format_exc())
+                self._check_lag("call", posted, t0)
+            fn = None  # hold no response (and so no request) while waiting for the next call
             if time.monotonic() >= next_poll and not self._closing:
+                t0 = time.perf_counter()
                 for request, state in list(self._live.values()):
                     try:
                         state[0] = state[0] or request.is_cancelled()
                     except Exception:  # noqa: BLE001 - the request is gone: cancel it
                         state[0] = True
+                self._check_lag("cancellation poll", t0, t0)
                 next_poll = time.monotonic() + CANCEL_POLL_S
+
+    def _check_lag(self, what: str, posted: float, started: float) -> None:
+        """Log a call that waited or ran long: every response behind it was delayed as long."""
+        now = time.perf_counter()
+        if now - posted > SLOW_SEND_S:
+            log.warning("sender: a %s waited %.3f s in the queue and ran %.3f s (%d calls queued behind it)",
+                        what, started - posted, now - started, self._q.qsize())
 
 
 class TritonMetrics(Metrics):
