@@ -262,7 +262,8 @@ def experiment_section(name: str, e: dict) -> list[str]:
         return lines + [""]
     shape = e.get("shape")
     shape = shape.get("name") if isinstance(shape, dict) else shape
-    lines = [f"### {name}: {shape}, torch.compile {'on' if e.get('compile') else 'off'}"
+    compiled = e.get("compile", str(e.get("settings", {}).get("compile", "false")).lower() == "true")
+    lines = [f"### {name}: {shape}, torch.compile {'on' if compiled else 'off'}"
              f"{', build ' + fmt(e['build_s']) + ' s' if e.get('build_s') else ''}", ""]
     if e.get("decode"):
         lines += ["| batch | context | step ms | tok/s |", "|---|---|---|---|"]
@@ -346,13 +347,14 @@ def render(data: dict, hf_cb: dict[str, list[dict]] | None = None, encoder: dict
             lines += [f"<details><summary>torch.profiler: {shape} decode, batch {p['batch']}, {p['steps']} steps</summary>",
                       "", "```", p["cuda_table"].rstrip(), "```", "", "```", p["cpu_table"].rstrip(), "```", "", "</details>", ""]
     if compare:
-        lines += ["## Python backend + gRPC overhead (64 streams, 128/256)", "",
-                  "| run | model | through Triton tok/s | in process tok/s | overhead |", "|---|---|---|---|---|"]
         this = ", ".join(f"{k}={v}" for k, v in data.get("engine_overrides", {}).items()) or "defaults"
-        lines += overhead_rows(f"this run ({this})", data)
+        rows = overhead_rows(f"this run ({this})", data)
         for label, other in compare.items():
-            lines += overhead_rows(label, other)
-        lines += [""]
+            rows += overhead_rows(label, other)
+        if rows:  # runs with an in-process level at the same load
+            lines += ["## Python backend + gRPC overhead (64 streams, 128/256)", "",
+                      "| run | model | through Triton tok/s | in process tok/s | overhead |", "|---|---|---|---|---|"]
+            lines += rows + [""]
         for label, other in compare.items():
             lines += [f"## Comparison run: {label}", ""]
             for shape, r in other["shapes"].items():
