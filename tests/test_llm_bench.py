@@ -62,3 +62,11 @@ def test_ready_time_starts_the_server_twice_on_one_cache_and_serves_each_time(tm
     assert [s["start"] for s in starts] == [1, 2]
     assert all(s["ready_s"] > 0 and s["first_request_s"] > 0 and s["ttft_s"] > 0 for s in starts)
     assert starts[0]["cache_mib_before"] == 0.0 and starts[0]["cache"] == "cold"  # a new, empty cache
+
+
+def test_host_work_bench_times_decode_steps_through_the_graph_path():
+    from bench.host_work import run
+
+    out = run([2], osl=8, repeats=1)
+    (level,) = out["levels"]
+    assert level["concurrency"] == 2 and 0 < level["host_ms_per_decode_step"] < 100

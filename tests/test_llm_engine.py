@@ -96,9 +96,10 @@ def emulate_decode_graphs(e: Engine) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("seqs,overlap", [(16, True), (3, False)])
-def test_decode_graph_path_matches_transformers(checkpoint, reference, seqs, overlap):
-    e = make_engine(checkpoint, max_seqs=seqs, max_context=256, step_token_budget=64, overlap=overlap)
+# budget 5: prompts end in 1-token prefill chunks, so a decode step mixes known and in-flight tokens.
+@pytest.mark.parametrize("seqs,budget,overlap", [(16, 64, True), (3, 64, False), (3, 5, True)])
+def test_decode_graph_path_matches_transformers(checkpoint, reference, seqs, budget, overlap):
+    e = make_engine(checkpoint, max_seqs=seqs, max_context=256, step_token_budget=budget, overlap=overlap)
     sizes = emulate_decode_graphs(e)
     results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
     assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
@@ -290,6 +291,15 @@ def test_bad_parameters_name_the_field(engine, field, params):
 def test_prompt_over_context_limit(engine):
     with pytest.raises(ValueError, match="text_input: prompt has 603 tokens; the context limit is 256"):
         engine.make_request("word " * 300, SamplingParams(max_tokens=4), lambda o: None)
+
+
+@pytest.mark.parametrize("data,dtype", [([1, 2, -3], torch.long), ([7], torch.int32), ([0.5, 2.0], torch.float32),
+                                        ([[1, 2], [3, 4]], torch.long), ([], torch.long), ([1.5, 2.7], torch.long)])
+def test_host_tensor_equals_torch_tensor(data, dtype):
+    from llm.device import host_tensor
+
+    t = host_tensor(data, dtype)
+    assert t.dtype == dtype and torch.equal(t, torch.tensor(data, dtype=dtype))
 
 
 def test_held_back_prefix_of_stop_word():
@@ -527,11 +537,16 @@ def long_reference(checkpoint):
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_preemption_when_blocks_run_out_keeps_outputs_exact(checkpoint, long_reference, prefix_caching, overlap):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_preemption_when_blocks_run_out_keeps_outputs_exact(checkpoint, long_reference, prefix_caching, overlap, graphs):
     # A pool of 70 blocks x 4 tokens holds fewer than two of these sequences (up to 161 tokens each):
     # running sequences are preempted and recomputed, and no request fails for lack of KV.
+    # graphs: decode steps through the CUDA-graph input path (emulated), where a recomputed sequence's
+    # known token sits next to in-flight ones.
     e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=32, block_size=4,
                     kv_cache_budget_mb=70 * 2048 / 2**20, overlap=overlap, prefix_caching=prefix_caching)
+    if graphs:
+        emulate_decode_graphs(e)
     assert e.pool.usable == 70
     prompts = _long_prompts() * 2
     results = e.generate(prompts, SamplingParams(max_tokens=40))

@@ -15,7 +15,7 @@ import torch
 
 from llm import attention
 from llm import model as llm_model
-from llm.device import resolve, to_device
+from llm.device import host_tensor, resolve, to_device
 from llm.kv_cache import NULL_BLOCK, KVCache, bytes_per_block
 from llm.scheduler import Chunk
 from llm.settings import EngineSettings
@@ -278,11 +278,19 @@ class ModelRunner:
             pos.append(p)
             slots.append(seq.blocks[p // bs] * bs + p % bs)
         zeros = [0] * pad
-        x = to_device([tokens + zeros, pos + zeros, slots + zeros, src + [-1] * pad], dev)
-        y = to_device([[c.start + 1] + c.seq.blocks + [NULL_BLOCK] * (nb_live - len(c.seq.blocks)) for c in decode]
-                      + [[1] + [NULL_BLOCK] * nb_live] * pad, dev, torch.int32)
+        # Flat lists (llm/device.py host_tensor: one fast conversion each).
+        x = to_device(host_tensor(tokens + zeros + pos + zeros + slots + zeros + src + [-1] * pad).view(4, Bb), dev)
+        rows = []
+        for c in decode:
+            rows.append(c.start + 1)
+            rows += c.seq.blocks
+            rows += [NULL_BLOCK] * (nb_live - len(c.seq.blocks))
+        rows += ([1] + [NULL_BLOCK] * nb_live) * pad
+        y = to_device(host_tensor(rows, torch.int32).view(Bb, 1 + nb_live), dev)
         tok = x[0]
-        if max(src) >= 0:
+        if min(src) >= 0:  # every token in flight (overlap's steady state): one gather; padding rows
+            tok = prev_tokens[x[3]]  # (index -1) take the last row's token, any token serves them
+        elif max(src) >= 0:
             tok = torch.where(x[3] >= 0, prev_tokens[x[3].clamp(min=0)], tok)
         graph, out = self._graph(Bb, nb)
         self.tokens_buf[:Bb].copy_(tok)
