@@ -8,7 +8,7 @@ BENCH_ARGS  ?=
 BUNDLE_PYTHON ?= 3.12
 TRT_ARGS    ?=
 
-.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-ready bench-report bench-encoder-cpu bench-gateway soak bundle clean image deploy-check
+.PHONY: serve test test-llm setup export export-trt export-trt-docker export-llm-gpu doctor perf bench bench-ready bench-host bench-report bench-encoder-cpu bench-gateway soak bundle clean image deploy-check
 
 serve: export ## set up, export the default models, run tritonserver + the gateway on 127.0.0.1:8000 (Ctrl-C stops both)
 	$(PY) -m serve.launcher $(SERVE_ARGS)
@@ -57,6 +57,9 @@ bench: setup ## LLM benchmark through Triton + in-process + baselines + roofline
 
 bench-ready: setup ## server start-up, empty vs warm compile cache: 8B LLM and the compiled encoder (GPU host)
 	$(PY) -m bench.ready_time $(or $(BENCH_ARGS),--llm llama-3.1-8b --encoder --starts 3)
+
+bench-host: setup ## the engine thread's host work per decode step, device work replaced by no-ops (any CPU, ~15 s)
+	$(PY) -m bench.host_work --concurrency 1 8 64 --out results/cpu/host_work.json
 
 bench-report: ## results/gpu JSON -> report.md + PNG plots (no GPU needed)
 	bash bench/make_report.sh
