@@ -258,7 +258,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next tokens [len(seqs)] on the device."""
         # min_tokens: EOS cannot be chosen before min_tokens tokens (unless EOS is ignored anyway).
-        early = [i for i, q in enumerate(seqs) if q.num_out < q.params.min_tokens and not q.params.ignore_eos]
+        early = [i for i, q in enumerate(seqs)
+                 if q.params.min_tokens and q.num_out < q.params.min_tokens and not q.params.ignore_eos]
         if early and self.eos_ids:
             dev = logits.device
             logits[to_device(early, dev)[:, None], to_device(self.eos_ids, dev)] = float("-inf")
@@ -272,13 +273,16 @@ class Engine:
             self._wait_s += time.perf_counter() - t
         ids = launched.host.tolist()
         now = time.perf_counter()
-        live = [(c.seq, tok) for c, tok in zip(launched.sampled, ids) if not c.seq.done]
-        # Every token is counted; only a step that follows a step is an inter-token latency.
-        self.metrics.step(None if self._last_decode is None else now - self._last_decode, len(live))
+        # Every token is counted (before any final response goes out: Metrics.finished); only a step
+        # that follows a step is an inter-token latency.
+        live = sum(1 for c in launched.sampled if not c.seq.done)
+        self.metrics.step(None if self._last_decode is None else now - self._last_decode, live)
         self._last_decode = now
-        for c in launched.sampled:
-            c.seq.in_flight -= 1
-        for seq, tok in live:
+        for c, tok in zip(launched.sampled, ids):
+            seq = c.seq
+            seq.in_flight -= 1
+            if seq.done:
+                continue
             try:
                 self._append(seq, tok, now)
             except Exception:

@@ -21,7 +21,7 @@ SLOW_FIRST_TOKEN_S = 1.0
 ENGINE_ERROR = "internal engine error (see server log)"
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """One response. Streaming: `text` is the new text since the previous response; otherwise the
     whole text in a single final response. Token counts are cumulative."""

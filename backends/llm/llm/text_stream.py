@@ -91,7 +91,7 @@ class TextStream:
         """Text for a streamed response now, or None (coalescing, or nothing new to send)."""
         if self.unsent_tokens < self.interval and self.started:
             return None
-        end = len(self.text) - held_back(self.text, self.stops)
+        end = len(self.text) - (held_back(self.text, self.stops) if self.stops else 0)
         if end <= self.sent and not self.prefix:
             return None
         out = self.prefix + self.text[self.sent : end]
