@@ -50,7 +50,7 @@ def _start(repo: Path, n: int, cache: Path, probe, log_dir: Path) -> dict:
 
 
 def llm_model(repo: Path, shape: str, device: str) -> tuple[str, callable]:
-    from bench.llm import drive
+    from bench.llm_client import drive
     from export import llm as export_llm
 
     name = shape.replace(".", "_").replace("-", "_")
