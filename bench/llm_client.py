@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from bench.baseline_hf import percentile
+from clients.llm_stream import finish_stream
 
 
 def _inputs(grpcclient, prompt: str, osl: int, batch_dim: bool):
@@ -63,11 +64,10 @@ async def _one_request(client, model: str, prompt: str, osl: int, rid: str, batc
                 n_in = int(n.reshape(-1)[0]) if n is not None else n_in
             if resp.parameters["triton_final_response"].bool_param:
                 final = True
+                await finish_stream(responses)  # as the gateway does: Triton completes the call
                 break
     finally:
-        # Close the call now, as the gateway does. Left to the garbage collector, an abandoned call
-        # kept its channel's next stream waiting (~1.2 s first tokens on the H200; notes.md).
-        responses.cancel()
+        responses.cancel()  # a no-op once the call is complete
     assert final, f"request {rid}: stream ended without the final flag"
     assert counts and counts[-1] == osl, f"request {rid}: {counts[-1:]} tokens, expected {osl}"
     itl = []  # per token: a response carrying k new tokens after a gap g counts k gaps of g/k

@@ -25,8 +25,31 @@ from clients.common import add_common_args, add_sampling_args, make_client, make
 from export.specs import LLM_IO
 
 DEFAULT_MODEL = "tiny_llama"
+# How long finish_stream() waits for the server to close a stream after its final response.
+FINISH_TIMEOUT_S = 2.0
 DTYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_, "BYTES": np.object_}
 SPEC_INPUTS = {t.name: t for t in LLM_IO.inputs}
+
+
+async def finish_stream(responses, timeout_s: float = FINISH_TIMEOUT_S) -> None:
+    """Read a tritonclient.grpc.aio `stream_infer` iterator to its end, once its final response is in.
+
+    Triton then completes the call itself (in 0.3 to 0.6 ms). A call the client cancels or abandons
+    instead left something in Triton 2.51 holding the model: a server stop shortly after waited out
+    its whole exit timeout in 4 of 12 stops on the CPU box, against 0 of 12 with this (README,
+    "slow stop"). After `timeout_s`, or on an error, the call is cancelled."""
+    import asyncio
+
+    async def rest():
+        async for _ in responses:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout_s)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the final response is in; the call only has to end
+        responses.cancel()
 
 
 @dataclass

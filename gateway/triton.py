@@ -22,7 +22,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from clients.common import make_inputs, make_outputs
-from clients.llm_stream import request_arrays
+from clients.llm_stream import finish_stream, request_arrays
 from export.pipeline import tokenizer_dir
 from export.specs import LLM_IO, PIPELINES, TextPipelineSpec
 from gateway.errors import APIError, overloaded, retryable
@@ -294,6 +294,8 @@ class Triton:
     async def generate(self, model: LLMModel, prompt: str, params: dict, stream: bool,
                        timeout_s: float | None = None, check_down: bool = True) -> AsyncIterator[Chunk]:
         """The responses of one generation; leaving the loop early (or being cancelled) cancels it.
+        After the final response the stream is read to its end first (finish_stream: a stream cancelled
+        once complete could keep the model referenced in Triton 2.51 at a stop soon after).
         timeout_s: the gRPC deadline of the whole generation (-> APIError 504; Triton cancels it)."""
         missing = sorted(set(params) - model.inputs)
         if missing:
@@ -318,9 +320,11 @@ class Triton:
                     raise model_error(error.message(), self.s.retry_after_s)
                 chunk = _chunk(result.get_response())
                 self.progress[model.name] = time.monotonic()
-                yield chunk
                 if chunk.finish_reason is not None:
+                    await finish_stream(responses)  # before the last yield: the caller may not resume us
+                    yield chunk
                     return
+                yield chunk
             raise APIError(502, "the inference server closed the stream before the final response")
         except InferenceServerException as e:
             raise grpc_error(e, self.s.retry_after_s) from None

@@ -71,3 +71,39 @@ def test_search_cli(embedding_server):
     p = cli("clients.search_demo", "-u", embedding_server.grpc_url, "-k", "2", "how do I cook pasta?")
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[1].strip().endswith("Boil the spaghetti in salted water for nine minutes, then drain it.")
+
+
+def test_finish_stream_reads_to_the_end_and_cancels_only_a_stuck_or_failing_stream():
+    import asyncio
+
+    from clients.llm_stream import finish_stream
+
+    class Stream:  # the parts of a tritonclient.grpc.aio stream_infer iterator that finish_stream uses
+        def __init__(self, items=(), hang=False, fail=False):
+            self.items, self.hang, self.fail, self.read, self.cancelled = list(items), hang, fail, 0, False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if self.items:
+                self.read += 1
+                return self.items.pop(0)
+            if self.hang:
+                await asyncio.sleep(10)
+            if self.fail:
+                raise RuntimeError("stream broke")
+            raise StopAsyncIteration
+
+        def cancel(self):
+            self.cancelled = True
+
+    ends = Stream(["trailing response"])
+    asyncio.run(finish_stream(ends))
+    assert ends.read == 1 and not ends.cancelled  # read to its end: the server completes the call
+    stuck = Stream(hang=True)
+    asyncio.run(finish_stream(stuck, timeout_s=0.05))
+    assert stuck.cancelled
+    broken = Stream(fail=True)
+    asyncio.run(finish_stream(broken))
+    assert broken.cancelled

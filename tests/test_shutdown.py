@@ -30,12 +30,12 @@ EXIT_TIMEOUT_S = 5
 ROUNDS = 30
 
 
-def launch(repo: Path, env: dict[str, str] | None = None):
+def launch(repo: Path, env: dict[str, str] | None = None, exit_timeout_s: int = EXIT_TIMEOUT_S, grpc_port: int = 0):
     opts, gateway_port = server_options(repo), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.launcher", "--quiet", "--model-repository", str(repo), "--http-port", str(gateway_port),
-         "--triton-http-port", str(opts.http_port), "--grpc-port", str(opts.grpc_port), "--metrics-port",
-         str(opts.metrics_port), "--exit-timeout-secs", str(EXIT_TIMEOUT_S)],
+         "--triton-http-port", str(opts.http_port), "--grpc-port", str(grpc_port or opts.grpc_port), "--metrics-port",
+         str(opts.metrics_port), "--exit-timeout-secs", str(exit_timeout_s)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     return proc, f"http://127.0.0.1:{gateway_port}", f"triton_py_{proc.pid}_{opts.http_port}_"
 
@@ -144,6 +144,32 @@ def test_sigterm_with_a_stream_in_flight(tmp_path):
         t.join(10)
         # the stream either completed (its final event and [DONE]) or got an error: it never hangs
         assert not t.is_alive() and (errors or events[-1] == "data: [DONE]")
+
+
+def test_stop_right_after_llm_requests_unloads_cleanly(tmp_path):
+    """Streams that ended just before the stop, through the gateway and over direct gRPC (the
+    benchmark client): Triton unloads the LLM and exits 0, well within its exit timeout. Before the
+    clients read each stream to its end (clients/llm_stream.py finish_stream), about one such stop in
+    three waited out the whole exit timeout with the model still referenced; three rounds."""
+    from bench.llm_client import drive
+
+    repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
+    for round_ in range(3):
+        grpc_port = free_port()
+        proc, url, prefix = launch(repo, exit_timeout_s=10, grpc_port=grpc_port)
+        try:
+            wait_ready(proc, url)
+            body = {"model": "tiny_llama", "prompt": "Hello", "max_tokens": 8, "stream": True}
+            for _ in range(2):
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                    assert r.status_code == 200 and list(r.iter_lines())[-2] == "data: [DONE]"
+            drive(f"127.0.0.1:{grpc_port}", "tiny_llama", ["Hello world " * 8] * 3, 1, 1)
+            took = stop_and_check(proc, prefix, f"round {round_} right after requests")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        # 1 = Triton ran into its exit timeout (the model stayed referenced)
+        assert proc.returncode == 0 and took < 10, f"round {round_}: exit {proc.returncode} after {took:.1f} s"
 
 
 def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(tmp_path):
