@@ -58,8 +58,8 @@ bench: setup ## LLM benchmark through Triton + in-process + baselines + roofline
 bench-ready: setup ## server start-up, empty vs warm compile cache: 8B LLM and the compiled encoder (GPU host)
 	$(PY) -m bench.ready_time $(or $(BENCH_ARGS),--llm llama-3.1-8b --encoder --starts 3)
 
-bench-host: setup ## the engine thread's host work per decode step, device work replaced by no-ops (any CPU, ~15 s)
-	$(PY) -m bench.host_work --concurrency 1 8 64 --out results/cpu/host_work.json
+bench-host: setup ## the engine thread's host work per decode step, device work replaced by no-ops (any CPU, ~1 min)
+	$(PY) -m bench.host_work --concurrency 1 8 64 --repeats 7 --out results/cpu/host_work.json
 
 bench-report: ## results/gpu JSON -> report.md + PNG plots (no GPU needed)
 	bash bench/make_report.sh

@@ -268,18 +268,16 @@ class ModelRunner:
         Bb = bucket(B, self.batch_buckets)
         nb_live = max(len(c.seq.blocks) for c in decode)
         nb = bucket(nb_live, self._graph_block_buckets())
-        bs, dev, pad = self.block_size, self.device, Bb - B
-        tokens, pos, slots, src = [], [], [], []
+        dev, pad = self.device, Bb - B
+        tokens, pos, slots, flights = [], [], [], []
         for c in decode:
-            seq, p = c.seq, c.start
-            known = p < len(seq.tokens)  # else: the in-flight token, read from prev_tokens on the device
-            tokens.append(seq.tokens[p] if known else 0)
-            src.append(-1 if known else seq.flight_row)
-            pos.append(p)
-            slots.append(seq.blocks[p // bs] * bs + p % bs)
+            self._inputs(c, tokens, pos, slots, flights, len(tokens))
+        src = [-1] * Bb  # per row: its token's row in prev_tokens when it is still in flight
+        for row, flight_row in flights:
+            src[row] = flight_row
         zeros = [0] * pad
         # Flat lists (llm/device.py host_tensor: one fast conversion each).
-        x = to_device(host_tensor(tokens + zeros + pos + zeros + slots + zeros + src + [-1] * pad).view(4, Bb), dev)
+        x = to_device(host_tensor(tokens + zeros + pos + zeros + slots + zeros + src).view(4, Bb), dev)
         rows = []
         for c in decode:
             rows.append(c.start + 1)
@@ -288,9 +286,9 @@ class ModelRunner:
         rows += ([1] + [NULL_BLOCK] * nb_live) * pad
         y = to_device(host_tensor(rows, torch.int32).view(Bb, 1 + nb_live), dev)
         tok = x[0]
-        if min(src) >= 0:  # every token in flight (overlap's steady state): one gather; padding rows
+        if len(flights) == B:  # every token in flight (overlap's steady state): one gather; padding rows
             tok = prev_tokens[x[3]]  # (index -1) take the last row's token, any token serves them
-        elif max(src) >= 0:
+        elif flights:
             tok = torch.where(x[3] >= 0, prev_tokens[x[3].clamp(min=0)], tok)
         graph, out = self._graph(Bb, nb)
         self.tokens_buf[:Bb].copy_(tok)

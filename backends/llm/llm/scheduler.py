@@ -110,28 +110,21 @@ class Scheduler:
         chunks: list[Chunk] = []
         scheduled: set[int] = set()
         # Decoding sequences first (one token each), then those still prefilling.
-        # (Hot loop: once per running sequence per step, so attribute reads are inlined.)
-        order = sorted(self.running, key=lambda q: len(q.tokens) + q.in_flight - q.num_computed != 1)
+        order = sorted(self.running, key=lambda q: q.num_known - q.num_computed != 1)
         self._evicted = set()
-        bs = self.bs
         for seq in order:
             if budget <= 0:
                 break
             if id(seq) in self._evicted:
                 continue
-            known = len(seq.tokens) + seq.in_flight
-            start = seq.num_computed
-            if seq.in_flight and (known - seq.prompt_len >= seq.params.max_tokens or known >= self.max_context):
+            known, start = seq.num_known, seq.num_computed
+            if seq.in_flight and (seq.num_out >= seq.params.max_tokens or known >= self.max_context):
                 continue  # it finishes when its in-flight token is processed
             n = min(known - start, budget)
-            if n <= 0:
-                continue
-            # A decode token whose block has room needs no reservation (the common step).
-            if (n != 1 or start // bs >= len(seq.blocks)) and not self._reserve(seq, start + n, scheduled):
-                continue
-            chunks.append(Chunk(seq, start, n, start + n == known))
-            scheduled.add(id(seq))
-            budget -= n
+            if n > 0 and self._reserve(seq, start + n, scheduled):
+                chunks.append(Chunk(seq, start, n, start + n == known))
+                scheduled.add(id(seq))
+                budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.s.max_seqs:
             seq = self.waiting[0]
             if seq.in_flight:  # preempted with a token still on the device: next step
@@ -188,12 +181,9 @@ class Scheduler:
     def launched(self, chunks: list[Chunk], sampled: list[Chunk]) -> None:
         """The chunks' tokens are computed (in stream order); sampled[i]'s next token is in flight,
         row i of the step's sampled tokens."""
-        bs = self.bs
         for c in chunks:
-            seq = c.seq
-            seq.num_computed = c.start + c.n
-            if min(seq.num_computed, len(seq.tokens)) // bs > seq.num_registered:
-                self.register_full_blocks(seq)
+            c.seq.num_computed = c.start + c.n
+            self.register_full_blocks(c.seq)
         for row, c in enumerate(sampled):
             c.seq.in_flight += 1
             c.seq.flight_row = row
