@@ -169,22 +169,22 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
     reqs = [(torch.randint(10, vocab, (min(isl, engine.max_context - osl - 1),), generator=g).tolist(), osl)
             for isl, osl in lengths(workload, n + concurrency)]
     _run(engine, reqs[:concurrency], concurrency)  # warm-up wave (not measured)
-    st0 = engine.step_stats()
+    st0 = engine.stats()
     rs = _run(engine, reqs[concurrency:], concurrency)
-    st1 = engine.step_stats()
+    st1 = engine.stats()
     assert all(r["error"] is None for r in rs), [r["error"] for r in rs if r["error"]][:3]
     start, end = min(r["t0"] for r in rs), max(r["stamps"][-1] for r in rs)
     ttft = [r["stamps"][0] - r["t0"] for r in rs]
     itl = per_token_gaps([r["stamps"] for r in rs], [r["cum"] for r in rs])
     tokens = sum(r["cum"][-1] for r in rs)
     assert tokens == sum(osl for _, osl in reqs[concurrency:]), "a request produced the wrong number of tokens"
-    steps = st1["steps"] - st0["steps"]
+    steps = st1.steps - st0.steps
     return {"engine": "ours-inproc", "workload": "chat" if workload == "chat" else f"{workload[0]}:{workload[1]}",
             "concurrency": concurrency, "requests": n, "failed": 0, "output_tokens": tokens, "span_s": end - start,
             "tokens_per_s": tokens / (end - start),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
-            "steps": steps, "host_ms_per_step": 1e3 * (st1["host_s"] - st0["host_s"]) / max(1, steps),
+            "steps": steps, "host_ms_per_step": 1e3 * (st1.host_s - st0.host_s) / max(1, steps),
             "preemptions": engine.scheduler.preemptions}
 
 

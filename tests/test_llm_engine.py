@@ -265,7 +265,7 @@ def test_start_freezes_the_heap_and_long_gc_pauses_are_logged(checkpoint, caplog
         with caplog.at_level(logging.WARNING, logger="llm.gc_pauses"):
             gc.collect()
         assert "garbage collection stopped every thread for" in caplog.text
-        assert e.step_stats()["gc_s"] > 0 and e.stats().gc_pause_s == e.step_stats()["gc_s"]
+        assert e.stats().gc_pause_s > 0
         r = e.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True))  # still serves
         assert r[0]["num_output_tokens"] == 3
     finally:

@@ -174,11 +174,6 @@ class Engine:
         self._step()
         self._host_s += time.perf_counter() - t0 - (self._wait_s - wait0)
 
-    def step_stats(self) -> dict:
-        """Steps run, the host time they took beyond waiting for the device, the time waiting for it,
-        and the garbage collector's pauses while serving (cumulative)."""
-        return {"steps": self._steps, "host_s": self._host_s, "wait_s": self._wait_s, "gc_s": self.gc_watch.total_s}
-
     def _step(self) -> None:
         self._drain()
         self._steps += 1
