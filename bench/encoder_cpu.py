@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.machine import cpu_name
 from export import pbtxt
 from export.pipeline import DEFAULT_KIND, KINDS, export_pipeline, hf_dir
 from export.specs import MINILM_TEXT, VARIANT_SUFFIX, TextPipelineSpec
@@ -247,12 +248,10 @@ def ort_ceiling(precisions, tokens: list[int], batches=(1, 16, 64), seconds: flo
 
 
 def machine_info() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
     flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
     import onnxruntime
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1_5_15": list(os.getloadavg()),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_1_5_15": list(os.getloadavg()),
             "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f" {f}" in flags],
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 

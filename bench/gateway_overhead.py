@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
+from bench.machine import cpu_name
 from clients.common import make_inputs, make_outputs
 from clients.llm_stream import first_value, request_arrays
 from export.specs import MINILM_TEXT
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = link_repo(Path(tmp) / "repo", embedding_model_dirs() + [MODEL_REPOSITORY / LLM])
         with start_stack(repo) as stack:
             levels = asyncio.run(measure(stack, a.repeats))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    data = {"date": time.strftime("%Y-%m-%d"), "repeats": a.repeats, "machine": {"cpu": cpu, "cores": os.cpu_count()},
+    data = {"date": time.strftime("%Y-%m-%d"), "repeats": a.repeats, "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
             "levels": levels}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "overhead_cpu.json").write_text(json.dumps(data, indent=1))

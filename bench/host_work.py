@@ -20,15 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench.machine import cpu_name
 
 
 def fake_graphs(engine) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.machine import cpu_name
 from serve.paths import MODEL_REPOSITORY, REPO_ROOT
 from tests.embedding_models import link_repo
 from tests.server_fixtures import start_stack
@@ -359,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = asyncio.run(soak(stack, name, a.minutes, a.probe_seconds))
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    text = report(rows, a.minutes, cpu)
+    text = report(rows, a.minutes, cpu_name())
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "soak_cpu.json").write_text(json.dumps(rows, indent=1))
     (a.out / "soak_cpu.md").write_text(text)
