@@ -151,10 +151,9 @@ def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrenc
     opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                          log_file=log_dir / f"tritonserver-{name}.log", ready_timeout_s=600)
     out = {"shape": shape, "model": name, "export_s": export_s, "settings": settings.to_parameters(), "levels": []}
-    import gc
+    from llm.gc_pauses import freeze_startup_heap
 
-    gc.collect()
-    gc.freeze()  # the client's start-up heap (torch, transformers, grpc) out of its collector's way
+    freeze_startup_heap()  # the client's start-up heap (torch, transformers, grpc) out of its collector's way
     with GpuMemoryPoller() as mem:
         t0 = time.perf_counter()
         with TritonServer(opts) as server:
