@@ -41,10 +41,10 @@ def launch(repo: Path, env: dict[str, str] | None = None, exit_timeout_s: int = 
 
 
 @contextlib.contextmanager
-def launched(repo: Path, env: dict[str, str] | None = None):
+def launched(repo: Path, env: dict[str, str] | None = None, **launch_args):
     """launch(), and should the test fail before its own stop, the launcher is still stopped (SIGTERM):
     no server outlives a failed test."""
-    proc, url, prefix = launch(repo, env)
+    proc, url, prefix = launch(repo, env, **launch_args)
     try:
         yield proc, url, prefix
     finally:
@@ -156,8 +156,7 @@ def test_stop_right_after_llm_requests_unloads_cleanly(tmp_path):
     repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
     for round_ in range(3):
         grpc_port = free_port()
-        proc, url, prefix = launch(repo, exit_timeout_s=10, grpc_port=grpc_port)
-        try:
+        with launched(repo, exit_timeout_s=10, grpc_port=grpc_port) as (proc, url, prefix):
             wait_ready(proc, url)
             body = {"model": "tiny_llama", "prompt": "Hello", "max_tokens": 8, "stream": True}
             for _ in range(2):
@@ -165,9 +164,6 @@ def test_stop_right_after_llm_requests_unloads_cleanly(tmp_path):
                     assert r.status_code == 200 and list(r.iter_lines())[-2] == "data: [DONE]"
             drive(f"127.0.0.1:{grpc_port}", "tiny_llama", ["Hello world " * 8] * 3, 1, 1)
             took = stop_and_check(proc, prefix, f"round {round_} right after requests")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
         # 1 = Triton ran into its exit timeout (the model stayed referenced)
         assert proc.returncode == 0 and took < 10, f"round {round_}: exit {proc.returncode} after {took:.1f} s"
 
