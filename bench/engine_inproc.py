@@ -4,7 +4,8 @@
   (no weights written to disk; the tokenizer comes from a weightless checkpoint directory).
 - `decode_sweep`: the runner's decode step (CUDA graph per batch bucket) timed at batch sizes 1..64
   with every row at `context`: the engine's ceiling for tokens/s. `profile_decode`: torch.profiler
-  tables of a few steps.
+  tables of a few steps. `prefill_step`: one prompt's prefill step (what idle TTFT is made of), timed
+  back to back and after idle gaps (GPU clocks), with a profiler table.
 - `closed_loop`: `concurrency` streams kept busy (a finished request is replaced at once) over a
   list of (isl, osl) requests after a warm-up wave; TTFT / ITL p50 and p99, output tokens/s and the
   engine's host time per step. `idle_ttft`: median TTFT of single requests on an idle engine.
@@ -112,6 +113,44 @@ def profile_decode(engine, B: int, context: int, steps: int = 10, top: int = 15)
             "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
 
 
+def prefill_step(engine, n: int, steps: int = 10, gap_s: float = 0.2, top: int = 15) -> dict:
+    """One n-token prompt's first chunk through runner.forward (greedy argmax and the host copy
+    included): median step time back to back, then each step after `gap_s` of GPU idleness (an idle
+    server's single requests), and the profiler tables of `steps` back-to-back steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llm.engine import Request
+    from llm.sampling import SamplingParams
+    from llm.scheduler import Chunk, Sequence
+
+    seq = Sequence(Request(list(range(10, 10 + n)), SamplingParams(max_tokens=1), lambda o: None))
+    seq.blocks = [engine.pool.allocate() for _ in range(-(-n // engine.settings.block_size))]
+    chunks = [Chunk(seq, 0, n, True)]
+    step = lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()  # noqa: E731
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    back_to_back = [timed() for _ in range(steps)]
+    after_gap = []
+    for _ in range(steps):
+        time.sleep(gap_s)
+        after_gap.append(timed())
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()  # .tolist() waits for the device
+    engine.pool.release(seq.blocks)
+    ka = prof.key_averages()
+    return {"tokens": n, "steps": steps, "step_p50_s": percentile(back_to_back, 50), "step_min_s": min(back_to_back),
+            "gap_s": gap_s, "after_gap_p50_s": percentile(after_gap, 50), "after_gap_min_s": min(after_gap),
+            "cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
+            "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
+
+
 def per_token_gaps(stamps: list[list[float]], cum: list[list[int]]) -> list[float]:
     """Inter-token latencies: a response carrying k new tokens after a gap g counts k gaps of g/k
     (responses are coalesced every stream_interval tokens)."""
@@ -210,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64], help="decode sweep batch sizes")
     ap.add_argument("--context", type=int, default=256, help="decode sweep position")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="batch sizes to profile")
+    ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="prompt lengths to time and profile")
     ap.add_argument("--workload", nargs="*", default=[], help="closed-loop workloads: ISL:OSL or chat")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency)")
@@ -230,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in out["decode"]:
             print(json.dumps(r), flush=True)
         out["profiles"] = [profile_decode(engine, B, args.context) for B in args.profile]
-        for p in out["profiles"]:
+        out["prefill"] = [prefill_step(engine, n) for n in args.profile_prefill]
+        for p in out["profiles"] + out["prefill"]:
+            print(json.dumps({k: v for k, v in p.items() if not k.endswith("_table")}), flush=True)
             print(p["cuda_table"], p["cpu_table"], sep="\n", flush=True)
     engine.start()
     try:
