@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 PROTOCOLS = ("grpc", "http")
@@ -18,7 +17,13 @@ DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 
 def module(protocol: str):
     assert protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {protocol!r}"
-    return grpcclient if protocol == "grpc" else httpclient
+    if protocol == "grpc":
+        return grpcclient
+    # Imported on first use: the offline bundle's client is gRPC only (tritonclient's HTTP client
+    # needs gevent), and the gRPC clients and benchmarks must import without it.
+    import tritonclient.http as httpclient
+
+    return httpclient
 
 
 def url_for(url: str | None, protocol: str) -> str:

@@ -107,3 +107,16 @@ def test_finish_stream_reads_to_the_end_and_cancels_only_a_stuck_or_failing_stre
     broken = Stream(fail=True)
     asyncio.run(finish_stream(broken))
     assert broken.cancelled
+
+
+def test_grpc_clients_and_the_llm_benchmark_import_without_the_http_client():
+    """The offline bundle ships tritonclient for gRPC only (no gevent, which tritonclient.http needs):
+    bench.llm failed at import on the H200 when clients/common.py imported the HTTP client eagerly."""
+    code = ("import sys; sys.modules['gevent'] = None\n"  # None in sys.modules: `import gevent` fails
+            "import bench.llm, bench.llm_client, clients.llm_stream, clients.common\n"
+            "assert clients.common.module('grpc').__name__ == 'tritonclient.grpc'\n"
+            "assert 'tritonclient.http' not in sys.modules\n"
+            "try:\n    clients.common.module('http')\nexcept RuntimeError as e:\n    print('http:', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("http: The installation does not include http support"), p.stdout
