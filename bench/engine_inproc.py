@@ -123,7 +123,8 @@ def prefill_step(engine, n: int, steps: int = 10, gap_s: float = 0.2, top: int =
     from llm.sampling import SamplingParams
     from llm.scheduler import Chunk, Sequence
 
-    seq = Sequence(Request(list(range(10, 10 + n)), SamplingParams(max_tokens=1), lambda o: None))
+    ids = [10 + i % (engine.runner.vocab_size - 10) for i in range(n)]
+    seq = Sequence(Request(ids, SamplingParams(max_tokens=1), lambda o: None))
     seq.blocks = [engine.pool.allocate() for _ in range(-(-n // engine.settings.block_size))]
     chunks = [Chunk(seq, 0, n, True)]
     step = lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()  # noqa: E731
@@ -239,6 +240,53 @@ def idle_ttft(engine, isl: int, n: int = 20) -> dict:
     return {"isl": isl, "n": n, "ttft_p50_s": percentile(rs, 50), "ttft_min_s": min(rs)}
 
 
+def idle_ttft_trace(engine, isl: int, n: int = 5) -> list[dict]:
+    """Where an idle request's TTFT goes: per request, each runner.forward and engine._process call
+    on the host (ms after submission) and each forward's span on the GPU (CUDA events, ms after an
+    event recorded at submission; on CUDA only)."""
+    import torch
+
+    runner_forward, engine_process, calls = engine.runner.forward, engine._process, []
+    cuda = engine.device.type == "cuda"
+    event = lambda: torch.cuda.Event(enable_timing=True) if cuda else None  # noqa: E731
+
+    def forward(chunks, prev_tokens):
+        t, ev = time.perf_counter(), (event(), event())
+        if cuda:
+            ev[0].record()
+        out = runner_forward(chunks, prev_tokens)
+        if cuda:
+            ev[1].record()
+        calls.append({"call": "forward", "tokens": sum(c.n for c in chunks), "t": t, "end": time.perf_counter(), "ev": ev})
+        return out
+
+    def process(launched):
+        t = time.perf_counter()
+        engine_process(launched)
+        calls.append({"call": "process", "t": t, "end": time.perf_counter()})
+
+    engine.runner.forward, engine._process = forward, process
+    traces = []
+    try:
+        for i in range(n):
+            ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=torch.Generator().manual_seed(1000 + i)).tolist()
+            calls.clear()
+            ev0 = event()
+            if cuda:
+                ev0.record()
+            r = _run(engine, [(ids, 1)], 1)[0]
+            if cuda:
+                torch.cuda.synchronize()
+            t0, ms = r["t0"], lambda t: round(1e3 * (t - r["t0"]), 3)  # noqa: E731
+            rows = [{"call": c["call"], **({"tokens": c["tokens"]} if "tokens" in c else {}), "host_ms": [ms(c["t"]), ms(c["end"])],
+                     **({"gpu_ms": [round(ev0.elapsed_time(c["ev"][0]), 3), round(ev0.elapsed_time(c["ev"][1]), 3)]}
+                        if cuda and "ev" in c else {})} for c in calls if c["t"] >= t0]
+            traces.append({"isl": isl, "ttft_ms": ms(r["stamps"][0]), "calls": rows})
+    finally:
+        del engine.runner.forward, engine._process  # the class's methods again
+    return traces
+
+
 def main(argv: list[str] | None = None) -> None:
     from export.random_llm import SHAPES
     from llm.settings import parse_overrides
@@ -250,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=256, help="decode sweep position")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="batch sizes to profile")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="prompt lengths to time and profile")
+    ap.add_argument("--trace-idle-ttft", type=int, nargs="*", default=[], help="prompt lengths to trace (idle_ttft_trace)")
     ap.add_argument("--workload", nargs="*", default=[], help="closed-loop workloads: ISL:OSL or chat")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency)")
@@ -285,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         out["idle_ttft"] = [idle_ttft(engine, isl) for isl in args.idle_ttft]
         for r in out["idle_ttft"]:
             print(json.dumps(r), flush=True)
+        out["idle_ttft_traces"] = [t for isl in args.trace_idle_ttft for t in idle_ttft_trace(engine, isl)]
+        for t in out["idle_ttft_traces"]:
+            print(json.dumps(t), flush=True)
     finally:
         engine.stop()
     if args.out:
