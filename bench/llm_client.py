@@ -76,8 +76,8 @@ async def _one_request(client, model: str, prompt: str, osl: int, rid: str, batc
             itl += [(tb - ta) / (cb - ca)] * (cb - ca)
     # TPOT: time per output token after the first, per request (robust to coalesced responses).
     tpot = (stamps[-1] - stamps[0]) / (counts[-1] - counts[0]) if counts[-1] > counts[0] else float("nan")
-    return {"t0": t0, "ttft": stamps[0] - t0, "end": stamps[-1], "tokens": counts[-1], "itl": itl, "tpot": tpot,
-            "input_tokens": n_in}
+    return {"t0": t0, "ttft": stamps[0] - t0, "first_tokens": counts[0], "end": stamps[-1], "tokens": counts[-1],
+            "itl": itl, "tpot": tpot, "input_tokens": n_in}
 
 
 async def _level(url: str, model: str, prompts: list[str], osl: int | list[int], concurrency: int) -> dict:
@@ -121,9 +121,11 @@ async def _level(url: str, model: str, prompts: list[str], osl: int | list[int],
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "itl_mean_s": float(np.mean(itl)) if itl else float("nan"), "client_loop_stall_max_s": stall[0],
             "tpot_p50_s": percentile([r["tpot"] for r in results], 50),
-            # Each request's (start after the level's start, TTFT), in start order: shows whether a
-            # slow first token is the level's first request, or random.
-            "ttft_each_s": [[round(r["t0"] - t0, 4), round(r["ttft"], 4)] for r in sorted(results, key=lambda r: r["t0"])],
+            # Each request's (start after the level's start, TTFT, tokens in its first response), in
+            # start order: whether a slow first token is the level's first request, or random, and
+            # whether it came late with many tokens (text held back) or alone (delivery).
+            "ttft_each_s": [[round(r["t0"] - t0, 4), round(r["ttft"], 4), r["first_tokens"]]
+                            for r in sorted(results, key=lambda r: r["t0"])],
             "input_tokens_mean": float(np.mean([r["input_tokens"] or 0 for r in results]))}
 
 

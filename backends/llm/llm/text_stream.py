@@ -19,44 +19,51 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+# A character not complete yet decodes to at most 3 U+FFFD: one per byte with byte-fallback
+# tokenizers (SentencePiece <0xNN> tokens), one in all with byte-level BPE (lossy UTF-8), and a UTF-8
+# character has at most 3 bytes before its last. Replacement characters before those are final.
+MAX_PENDING_REPLACEMENTS = 3
+
+
 class Detokenizer:
-    """Incremental detokenization: the new text of each token, holding back incomplete characters,
-    so that the pieces plus flush() equal tokenizer.decode(all ids, skip_special_tokens=True).
-    Uses tokenizers' DecodeStream (one Rust call per token) when the tokenizer is a fast one."""
+    """Incremental detokenization: the new text of each token, so that the pieces plus flush() equal
+    tokenizer.decode(all ids, skip_special_tokens=True). Each token decodes the window of ids since
+    the last complete text (one Rust call with a fast tokenizer). Only what may still change is held
+    back: at most MAX_PENDING_REPLACEMENTS trailing U+FFFD. (Holding back all text while it ends in
+    U+FFFD, as tokenizers' DecodeStream does, withholds every later token's text for good once a
+    model emits a run of invalid UTF-8 bytes: seen with random weights, a whole request's text
+    arrived in its final response.)"""
 
     def __init__(self, tokenizer):
-        self.tok = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust core: no Python overhead
+        self.decode = backend.decode if backend is not None else tokenizer.decode  # (ids, skip_special_tokens)
         self.ids: list[int] = []
         self.emitted = 0  # chars returned so far
-        self.stream = None
-        backend = getattr(tokenizer, "_tokenizer", None)
-        if backend is not None:
-            try:
-                from tokenizers.decoders import DecodeStream
-
-                self.stream, self.backend = DecodeStream(skip_special_tokens=True), backend
-            except ImportError:
-                pass
-        self.prefix = 0  # fallback: ids[prefix:read] decode to text already returned
+        self.prefix = 0  # the window: ids[prefix:read] decode to `before`, returned already
         self.read = 0
+        self.before = ""
+        self.partial = 0  # chars of the window's text after `before` returned already (before U+FFFD)
 
     def __call__(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        if self.stream is not None:
-            piece = self.stream.step(self.backend, token_id) or ""
-        else:
-            before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-            after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
-            piece = ""
-            if len(after) > len(before) and not after.endswith("\ufffd"):
-                self.prefix, self.read = self.read, len(self.ids)
-                piece = after[len(before) :]
+        ids = self.ids
+        ids.append(token_id)
+        new = self.decode(ids[self.prefix :], True)[len(self.before) + self.partial :]
+        if not new:
+            return ""
+        if new[-1] == "\ufffd":  # maybe an incomplete character: keep the window, return what is final
+            pending = len(new) - len(new.rstrip("\ufffd"))
+            piece = new[: len(new) - min(pending, MAX_PENDING_REPLACEMENTS)]
+            self.partial += len(piece)
+        else:  # complete: the next window starts after this text
+            piece = new
+            self.prefix, self.read = self.read, len(ids)
+            self.before, self.partial = self.decode(ids[self.prefix : self.read], True), 0
         self.emitted += len(piece)
         return piece
 
     def flush(self) -> str:
         """The text still held back (an incomplete character at the end), once, at the finish."""
-        rest = self.tok.decode(self.ids, skip_special_tokens=True)[self.emitted :]
+        rest = self.decode(self.ids, True)[self.emitted :]
         self.emitted += len(rest)
         return rest
 

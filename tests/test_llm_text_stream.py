@@ -1,0 +1,120 @@
+"""llm/text_stream.py: incremental detokenization against tokenizer.decode, with byte-level BPE (the
+random checkpoints' tokenizer) and a byte-fallback SentencePiece-style BPE (Llama 2, TinyLlama)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llm.text_stream import MAX_PENDING_REPLACEMENTS, Detokenizer, TextStream
+
+
+def byte_level():
+    from export.random_llm import SHAPES, build_tokenizer
+
+    return build_tokenizer(SHAPES["tiny"]["vocab_size"])
+
+
+def byte_fallback():
+    """Llama 2's decoding pipeline (▁ -> space, <0xNN> byte tokens, strip the leading space) over a
+    small vocabulary: the 256 byte tokens plus a few pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + \
+        ["▁", "▁hello", "▁world", "ok", "▁the", "“", "”", "é"]
+    tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def byte_ids(tok, data: bytes) -> list[int]:
+    """The token ids of single bytes (byte-level: its alphabet; byte fallback: <0xNN>)."""
+    if "<0x00>" in tok.get_vocab():
+        return [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in data]
+    # GPT-2's byte -> printable character table (what ByteLevel pre-tokenization writes).
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [b for b in range(256) if b not in shown]
+    alphabet = {**{b: chr(b) for b in shown}, **{b: chr(256 + i) for i, b in enumerate(hidden)}}
+    return [tok.convert_tokens_to_ids(alphabet[b]) for b in data]
+
+
+def words(tok, text: str) -> list[int]:
+    """Token ids of whole words (the byte-fallback vocabulary has no merges: its word pieces by id)."""
+    if "<0x00>" in tok.get_vocab():
+        return [tok.convert_tokens_to_ids("▁" + w) for w in text.split()]
+    return tok.encode(text, add_special_tokens=False)
+
+
+def detokenize(tok, ids: list[int]) -> tuple[list[str], str]:
+    d = Detokenizer(tok)
+    pieces = [d(t) for t in ids]
+    return pieces, d.flush()
+
+
+TOKENIZERS = {"byte_level": byte_level, "byte_fallback": byte_fallback}
+
+
+def test_pieces_plus_flush_equal_decode_for_random_ids_byte_level():
+    tok = byte_level()
+    text_ids = tok.encode("hello world, the “ok” é 🙂 中文", add_special_tokens=False)
+    raw = byte_ids(tok, bytes(range(0x80, 0x100)))  # bytes that are never complete characters alone
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.choice(text_ids + raw + [rng.randrange(len(tok))]) for _ in range(rng.randrange(1, 40))]
+        pieces, rest = detokenize(tok, ids)
+        assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_pieces_plus_flush_equal_decode_byte_fallback():
+    """Runs of byte tokens end at a word: transformers' ByteFallback decodes a run that is not valid
+    UTF-8 as a whole to one U+FFFD per byte, valid characters in it included, which no streaming
+    detokenizer can know before the run ends (a character goes out as soon as it is complete)."""
+    tok = byte_fallback()
+    units = [[i] for i in words(tok, "hello world the") + tok.convert_tokens_to_ids(["ok", "“", "”", "é"])]
+    units += [byte_ids(tok, c.encode()) for c in "“é🙂中"] + [byte_ids(tok, b"\xff" * k) for k in (1, 2, 5)]
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = []
+        for _ in range(rng.randrange(1, 12)):
+            ids += rng.choice(units) + words(tok, "the")
+        pieces, rest = detokenize(tok, ids)
+        assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_character_split_over_byte_tokens_is_held_until_complete(name):
+    tok = TOKENIZERS[name]()
+    hello = words(tok, "hello")
+    pieces, rest = detokenize(tok, hello + byte_ids(tok, "“".encode()) + hello)
+    assert pieces[len(hello):len(hello) + 3] == ["", "", "“"]
+    assert "".join(pieces) == tok.decode(hello + byte_ids(tok, "“".encode()) + hello) and rest == ""
+    assert "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_run_of_invalid_bytes_does_not_hold_back_the_text(name):
+    """A model emitting invalid UTF-8 over and over (random weights do): each token's text goes out
+    at most MAX_PENDING_REPLACEMENTS characters late, not at the end of the request."""
+    tok = TOKENIZERS[name]()
+    hello = words(tok, "hello")
+    run = byte_ids(tok, b"\xe2" * 20)
+    pieces, rest = detokenize(tok, hello + run)
+    sent = "".join(pieces)
+    assert sent.startswith("hello") and sent.count("\ufffd") >= 20 - MAX_PENDING_REPLACEMENTS
+    assert all(pieces[len(hello) + MAX_PENDING_REPLACEMENTS:])  # from then on, every token's text goes out
+    assert sent + rest == tok.decode(hello + run, skip_special_tokens=True)
+
+
+def test_first_response_goes_out_despite_invalid_bytes():
+    """TextStream (stream_interval 8): the first response carries text within a few tokens."""
+    tok = byte_level()
+    stream = TextStream(tok, (), 8)
+    firsts = []
+    for i, t in enumerate(byte_ids(tok, b"\xe2" * 12)):
+        stream.push(t, check_stops=False)
+        if stream.take() is not None:
+            firsts.append(i)
+    assert firsts and firsts[0] == MAX_PENDING_REPLACEMENTS
