@@ -113,9 +113,10 @@ def profile_decode(engine, B: int, context: int, steps: int = 10, top: int = 15)
             "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
 
 
-def prefill_step(engine, n: int, steps: int = 10, gap_s: float = 0.2, top: int = 15) -> dict:
-    """One n-token prompt's first chunk through runner.forward (greedy argmax and the host copy
-    included): median step time back to back, then each step after `gap_s` of GPU idleness (an idle
+def prefill_step(engine, n: int, cached: int = 0, steps: int = 10, gap_s: float = 0.2, top: int = 15) -> dict:
+    """An n-token prompt's prefill chunk [cached, n) through runner.forward (greedy argmax and the
+    host copy included; cached > 0: its first `cached` tokens' keys/values are in the cache, a prefix
+    hit): median step time back to back, then each step after `gap_s` of GPU idleness (an idle
     server's single requests), and the profiler tables of `steps` back-to-back steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,7 +127,7 @@ def prefill_step(engine, n: int, steps: int = 10, gap_s: float = 0.2, top: int =
     ids = [10 + i % (engine.runner.vocab_size - 10) for i in range(n)]
     seq = Sequence(Request(ids, SamplingParams(max_tokens=1), lambda o: None))
     seq.blocks = [engine.pool.allocate() for _ in range(-(-n // engine.settings.block_size))]
-    chunks = [Chunk(seq, 0, n, True)]
+    chunks = [Chunk(seq, cached, n - cached, True)]
     step = lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()  # noqa: E731
 
     def timed() -> float:
@@ -146,7 +147,7 @@ def prefill_step(engine, n: int, steps: int = 10, gap_s: float = 0.2, top: int =
             step()  # .tolist() waits for the device
     engine.pool.release(seq.blocks)
     ka = prof.key_averages()
-    return {"tokens": n, "steps": steps, "step_p50_s": percentile(back_to_back, 50), "step_min_s": min(back_to_back),
+    return {"tokens": n, "cached": cached, "steps": steps, "step_p50_s": percentile(back_to_back, 50), "step_min_s": min(back_to_back),
             "gap_s": gap_s, "after_gap_p50_s": percentile(after_gap, 50), "after_gap_min_s": min(after_gap),
             "cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
             "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
@@ -234,7 +235,9 @@ def idle_ttft(engine, isl: int, n: int = 20) -> dict:
     for i in range(n):
         import torch
 
-        ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=torch.Generator().manual_seed(i)).tolist()
+        # Seeded by length too: prompts of different lengths never share a prefix (no prefix-cache hits).
+        g = torch.Generator().manual_seed(isl * 1000 + i)
+        ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=g).tolist()
         r = _run(engine, [(ids, 1)], 1)[0]
         rs.append(r["stamps"][0] - r["t0"])
     return {"isl": isl, "n": n, "ttft_p50_s": percentile(rs, 50), "ttft_min_s": min(rs)}
@@ -269,7 +272,7 @@ def idle_ttft_trace(engine, isl: int, n: int = 5) -> list[dict]:
     traces = []
     try:
         for i in range(n):
-            ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=torch.Generator().manual_seed(1000 + i)).tolist()
+            ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=torch.Generator().manual_seed(isl * 1000 + 500 + i)).tolist()
             calls.clear()
             ev0 = event()
             if cuda:
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64], help="decode sweep batch sizes")
     ap.add_argument("--context", type=int, default=256, help="decode sweep position")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="batch sizes to profile")
-    ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="prompt lengths to time and profile")
+    ap.add_argument("--profile-prefill", nargs="*", default=[], metavar="N[:CACHED]",
+                    help="prompt lengths to time and profile (N:CACHED: the first CACHED tokens are a prefix hit)")
     ap.add_argument("--trace-idle-ttft", type=int, nargs="*", default=[], help="prompt lengths to trace (idle_ttft_trace)")
     ap.add_argument("--workload", nargs="*", default=[], help="closed-loop workloads: ISL:OSL or chat")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in out["decode"]:
             print(json.dumps(r), flush=True)
         out["profiles"] = [profile_decode(engine, B, args.context) for B in args.profile]
-        out["prefill"] = [prefill_step(engine, n) for n in args.profile_prefill]
+        out["prefill"] = [prefill_step(engine, *map(int, spec.split(":"))) for spec in args.profile_prefill]
         for p in out["profiles"] + out["prefill"]:
             print(json.dumps({k: v for k, v in p.items() if not k.endswith("_table")}), flush=True)
             print(p["cuda_table"], p["cpu_table"], sep="\n", flush=True)

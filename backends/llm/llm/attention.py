@@ -10,13 +10,15 @@ head h uses kv head h // n_rep), D head_dim.
   a slice of one sequence's blocks for one kv head, with all n_rep query heads of that kv head in one
   tile; a small torch reduction merges the slices). Reads seq_lens on the device, so one CUDA graph
   per batch bucket serves every length.
-- `prefill`: a chunk of one sequence's tokens [start, start + n): plain causal SDPA when the chunk
-  starts the sequence (flash attention on GPU), else SDPA over the gathered cached prefix + chunk.
+- `prefill`: a chunk of one sequence's tokens [start, start + n): causal SDPA (flash attention on
+  GPU) over the chunk alone when it starts the sequence, else over the gathered cached prefix + chunk
+  with bottom-right causal alignment.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 try:  # OpenAI Triton ships with CUDA builds of torch; CPU-only hosts may lack it.
     import triton
@@ -55,15 +57,14 @@ def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> t
     bs = k_cache.shape[1]
     nb = -(-L // bs)
     row = block_row[:nb].long()
-    kk = k_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1)  # [KVH, L, D]
-    vv = v_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1)
-    # Fold the n_rep query heads of a kv head into the query axis (row r * n + t) instead of
-    # copying the keys n_rep times; the mask is causal by position.
-    qf = q.view(n, KVH, n_rep, D).permute(1, 2, 0, 3).reshape(KVH, n_rep * n, D)
-    allowed = torch.arange(L, device=q.device)[None, :] <= torch.arange(start, L, device=q.device)[:, None]
-    mask = allowed.repeat(n_rep, 1)  # [n_rep * n, L]
-    y = F.scaled_dot_product_attention(qf[None], kk[None], vv[None], attn_mask=mask[None, None], scale=scale)
-    return y[0].view(KVH, n_rep, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
+    kk = k_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1).repeat_interleave(n_rep, dim=0)  # [H, L, D]
+    vv = v_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1).repeat_interleave(n_rep, dim=0)
+    # Causal with the queries at the last n of L positions (bottom-right aligned): flash attention on
+    # GPU. An explicit mask kept SDPA off the flash kernel: a 1920-token chunk after a 128-token
+    # cached prefix took 12 ms longer on the H200 than the whole 2048-token prompt.
+    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], attn_mask=causal_lower_right(n, L),
+                                       scale=scale)
+    return y[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- Triton
