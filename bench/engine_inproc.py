@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in out["decode"]:
             print(json.dumps(r), flush=True)
         out["profiles"] = [profile_decode(engine, B, args.context) for B in args.profile]
-        out["prefill"] = [prefill_step(engine, *map(int, spec.split(":"))) for spec in args.profile_prefill]
-        for p in out["profiles"] + out["prefill"]:
+        out["prefill_steps"] = [prefill_step(engine, *map(int, spec.split(":"))) for spec in args.profile_prefill]
+        for p in out["profiles"] + out["prefill_steps"]:
             print(json.dumps({k: v for k, v in p.items() if not k.endswith("_table")}), flush=True)
             print(p["cuda_table"], p["cpu_table"], sep="\n", flush=True)
     engine.start()

@@ -290,6 +290,20 @@ def experiment_section(name: str, e: dict) -> list[str]:
         lines += [f"Prefill of one {p['isl']}-token prompt in chunks of {p['chunk']}: **{p['prefill_s'] * 1e3:.1f} ms** wall.", "",
                   "<details><summary>profile</summary>", "", "```", p["cuda_table"].rstrip(), "```", "", "```",
                   p["cpu_table"].rstrip(), "```", "", "</details>", ""]
+    for p in e.get("prefill_steps", []):
+        lines += [f"Prefill step of a {p['tokens']}-token prompt ({p['cached']} of them cached): p50 "
+                  f"**{p['step_p50_s'] * 1e3:.1f} ms** back to back, {p['after_gap_p50_s'] * 1e3:.1f} ms after "
+                  f"{p['gap_s']:g} s idle (median of {p['steps']}).", "",
+                  "<details><summary>profile</summary>", "", "```", p["cuda_table"].rstrip(), "```", "", "</details>", ""]
+    if e.get("idle_ttft_traces"):
+        lines += ["Idle requests traced (ms after submission): forward on the host, its GPU span, TTFT:", "",
+                  "| prompt tokens | computed tokens | forward host | forward GPU | TTFT |", "|---|---|---|---|---|"]
+        for t in e["idle_ttft_traces"]:
+            for c in (c for c in t["calls"] if c["call"] == "forward"):
+                gpu = c.get("gpu_ms", ["-", "-"])
+                lines += [f"| {t['isl']} | {c['tokens']} | {c['host_ms'][0]}-{c['host_ms'][1]} | {gpu[0]}-{gpu[1]} | "
+                          f"{t['ttft_ms']} |"]
+        lines += [""]
     for p in e.get("profiles", []):
         lines += [f"<details><summary>decode profile, batch {p['batch']}</summary>", "", "```", p["cuda_table"].rstrip(),
                   "```", "", "</details>", ""]

@@ -139,3 +139,17 @@ def test_warm_ready_time_target_reads_a_ready_time_run():
     assert "3 warm starts" in source and "empty cache 95 s" in source
     assert report.measure(target, {}, {}) == (None, "")
     assert "| llama_3_1_8b | 1 | cold (0.0 MiB) | 95.0 | 0.10 |" in report.experiment_section("ready", ready)
+
+
+def test_prefill_steps_and_idle_traces_are_rendered():
+    e = {"shape": "llama-3.1-8b",
+         "prefill_steps": [{"tokens": 2048, "cached": 128, "steps": 10, "step_p50_s": 0.0576, "gap_s": 0.2,
+                            "after_gap_p50_s": 0.0549, "cuda_table": "flash_fwd_kernel", "cpu_table": ""}],
+         "idle_ttft_traces": [{"isl": 2048, "ttft_ms": 58.5, "calls": [
+             {"call": "forward", "tokens": 2048, "host_ms": [0.2, 29.8], "gpu_ms": [0.3, 58.3]},
+             {"call": "process", "host_ms": [30.3, 58.5]}]}]}
+    md = "\n".join(report.experiment_section("8B", e))
+    assert ("Prefill step of a 2048-token prompt (128 of them cached): p50 **57.6 ms** back to back, 54.9 ms "
+            "after 0.2 s idle (median of 10).") in md
+    assert "flash_fwd_kernel" in md
+    assert "| 2048 | 2048 | 0.2-29.8 | 0.3-58.3 | 58.5 |" in md

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.engine_inproc import closed_loop, idle_ttft, per_token_gaps
+from bench.engine_inproc import closed_loop, idle_ttft, idle_ttft_trace, per_token_gaps, prefill_step
 from bench.workloads import chat_lengths, lengths, parse_workload, requests_for
 from llm.engine import Engine
 from llm.settings import EngineSettings
@@ -48,6 +48,23 @@ def test_closed_loop_generates_exactly_the_requested_tokens(engine, workload):
 def test_idle_ttft_is_a_median_of_single_requests(engine):
     r = idle_ttft(engine, 12, n=5)
     assert r["n"] == 5 and 0 < r["ttft_min_s"] <= r["ttft_p50_s"]
+
+
+def test_idle_ttft_trace_shows_the_prefill_forward_and_leaves_the_engine_as_it_was(engine):
+    traces = idle_ttft_trace(engine, 40, n=2)
+    for t in traces:
+        forward = [c for c in t["calls"] if c["call"] == "forward"]
+        assert forward[0]["tokens"] == 40 and 0 <= forward[0]["host_ms"][0] <= forward[0]["host_ms"][1] <= t["ttft_ms"]
+    assert "forward" not in vars(engine.runner) and "_process" not in vars(engine)  # the wrappers are gone
+    assert idle_ttft(engine, 12, n=1)["n"] == 1
+
+
+@pytest.mark.parametrize("cached", [0, 16])
+def test_prefill_step_times_a_chunk_after_a_cached_prefix(engine, cached):
+    free = engine.pool.num_free
+    r = prefill_step(engine, 48, cached, steps=2, gap_s=0.0)
+    assert (r["tokens"], r["cached"], r["steps"]) == (48, cached, 2) and 0 < r["step_min_s"] <= r["step_p50_s"]
+    assert engine.pool.num_free == free  # its blocks are given back
 
 
 def test_ready_time_starts_the_server_twice_on_one_cache_and_serves_each_time(tmp_path):

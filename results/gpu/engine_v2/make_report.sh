@@ -8,7 +8,8 @@ d=results/gpu/engine_v2
 r=$d/round3
 r4=$d/round4
 .venv/bin/python -m bench.report $r4/triton_8b_si8.json --out-dir $d --notes $d/notes.md \
-  --compare "round 4, the same engine before the detokenizer fix (an earlier device call)=$r4/triton_8b_si8_before_detok_fix.json" \
+  --compare "round 4, after the detokenizer fix, before the prefix-prefill change (an earlier device call)=$r4/triton_8b_si8_detok_fix.json" \
+  "round 4, before the detokenizer fix (an earlier device call)=$r4/triton_8b_si8_before_detok_fix.json" \
   "round 3, stream_interval=8=$r/triton_8b_si8.json" \
   "round 3, stream_interval=1 (the default)=$r/triton_8b_si1.json" \
   "round 3, diagnosis run (stream_interval=8)=$r/triton_8b_si8_diag.json" \
@@ -20,6 +21,7 @@ r4=$d/round4
   "8B in process, round 4: prefill step profile and idle-TTFT trace=$r4/ours_8b_idle_trace.json" \
   "TinyLlama in process, round 4=$r4/ours_tinyllama-1.1b.json" \
   "8B in process, round 4: decode and prefill profiles=$r4/ours_8b_profiles.json" \
+  "8B in process, round 4: prefill after a cached prefix (final code)=$r4/ours_8b_prefix_prefill.json" \
   "8B in process (first round)=$d/ours_llama-3.1-8b.json" "TinyLlama in process (first round)=$d/ours_tinyllama-1.1b.json" \
   "8k context, 40 GiB KV budget=$d/ours_llama-3.1-8b_8k_40GiB.json" \
   "step_token_budget=1024, 64 streams of 2048:256 in process=$r/budget_1024.json" \
