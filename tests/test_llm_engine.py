@@ -96,6 +96,44 @@ def emulate_decode_graphs(e: Engine) -> list[int]:
     return sizes
 
 
+def emulate_fused_rope(e: Engine, monkeypatch) -> None:
+    """The CUDA path's attention branch on CPU: RoPE and the k/v cache writes through
+    `attention.rope_and_write` (an OpenAI-Triton kernel on GPU; here the same in torch), so chunks
+    read their keys from the cache, as on the GPU."""
+    from llm import attention
+    from llm.model import rotate_half
+
+    def rope_and_write(qkv, cos_table, sin_table, pos, slots, k_cache, v_cache, H, KVH):
+        D = qkv.shape[-1]
+        qk = qkv[:, : H + KVH]
+        qk = qk * cos_table[pos][:, None] + rotate_half(qk) * sin_table[pos][:, None]
+        k_cache.view(-1, KVH, D).index_copy_(0, slots, qk[:, H:].to(k_cache.dtype))
+        v_cache.view(-1, KVH, D).index_copy_(0, slots, qkv[:, H + KVH :].to(v_cache.dtype))
+        return qk[:, :H].contiguous()
+
+    monkeypatch.setattr(attention, "rope_and_write", rope_and_write)
+    e.runner.model.fused_rope = True
+
+
+# budget 16: prompts split into chunks after the first (start > 0); the repeats hit the prefix cache.
+@pytest.mark.parametrize("seqs,budget", [(16, 16), (3, 512)])
+def test_fused_rope_attention_path_matches_transformers(checkpoint, reference, monkeypatch, seqs, budget):
+    e = make_engine(checkpoint, max_seqs=seqs, max_context=256, step_token_budget=budget)
+    emulate_fused_rope(e, monkeypatch)
+    from llm import attention
+
+    prefill, starts = attention.prefill, []
+
+    def counted(*args):
+        starts.append(args[6])  # the chunk's first position
+        return prefill(*args)
+
+    monkeypatch.setattr(attention, "prefill", counted)
+    results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
+    assert 0 in starts and any(start > 0 for start in starts) and e.scheduler.prefix_hit > 0
+
+
 # budget 5: prompts end in 1-token prefill chunks, so a decode step mixes known and in-flight tokens.
 @pytest.mark.parametrize("seqs,budget,overlap", [(16, 64, True), (3, 64, False), (3, 5, True)])
 def test_decode_graph_path_matches_transformers(checkpoint, reference, seqs, budget, overlap):
