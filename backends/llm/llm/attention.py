@@ -44,9 +44,10 @@ def decode_torch(q, k_cache, v_cache, block_table, seq_lens, scale: float) -> to
 
 def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> torch.Tensor:
     """q [n, H, D], k/v [n, KVH, D] (this chunk's, already written to the cache at positions
-    start..start+n-1); block_row [>= ceil((start+n)/block_size)] -> [n, H, D]."""
+    start..start+n-1; used only when start == 0, else None will do); block_row
+    [>= ceil((start+n)/block_size)] -> [n, H, D]."""
     n, H, D = q.shape
-    KVH = k.shape[1]
+    KVH = k_cache.shape[2]
     n_rep = H // KVH
     if start == 0:  # keys are this chunk only: causal attention, flash-eligible on GPU
         kk = k.transpose(0, 1).repeat_interleave(n_rep, dim=0)  # [H, n, D]

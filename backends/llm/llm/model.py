@@ -139,11 +139,12 @@ class Attention(nn.Module):
                 y[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
             for off, n, start, row in batch.chunks:
                 sl = slice(off, off + n)
-                if k is None:  # fused path: this chunk's k/v are in the cache already
-                    kc, vc = k_cache.view(-1, KVH, D), v_cache.view(-1, KVH, D)
-                    kk, vv = kc[batch.slots[sl]], vc[batch.slots[sl]]
-                else:
+                if k is not None:
                     kk, vv = k[sl], v[sl]
+                elif start == 0:  # fused path: this chunk's k/v are in the cache already
+                    kk, vv = k_cache.view(-1, KVH, D)[batch.slots[sl]], v_cache.view(-1, KVH, D)[batch.slots[sl]]
+                else:  # after a cached prefix, prefill reads every key from the cache itself
+                    kk = vv = None
                 y[sl] = attention.prefill(q[sl], kk, vv, k_cache, v_cache, row, start, self.scale)
         return self.wo(y.reshape(N, H * D))
 
