@@ -116,22 +116,28 @@ def test_engine_on_gpu_matches_transformers_with_either_attention_eager_or_compi
         reference.append(tok.decode(gen, skip_special_tokens=True))
     from torch._dynamo.utils import counters
 
-    for impl in ("torch", "triton"):
-        for compile in (False, True):  # compile: the decode graphs replay torch.compile'd layers
-            graphs = counters["stats"]["unique_graphs"]
-            e = Engine(EngineSettings(checkpoint=str(ckpt), dtype="float32", max_seqs=4, max_context=256,
-                                      step_token_budget=32, attention=impl, kv_cache_budget_mb=64, compile=compile),
-                       device="cuda")
-            assert e.runner.attention_impl == impl and e.runner.use_graphs
+    # compile: the decode graphs replay torch.compile'd layers; mixed: mixed_prefill_graphs (mixed steps
+    # with few fresh prompts replay the decode graph and prefill graphs instead of running eagerly).
+    for impl, compile, mixed in [("torch", False, False), ("torch", True, False), ("triton", False, False),
+                                 ("triton", True, False), ("triton", True, True)]:
+        graphs = counters["stats"]["unique_graphs"]
+        e = Engine(EngineSettings(checkpoint=str(ckpt), dtype="float32", max_seqs=4, max_context=256,
+                                  step_token_budget=32, attention=impl, kv_cache_budget_mb=64, compile=compile,
+                                  mixed_prefill_graphs=mixed),
+                   device="cuda")
+        assert e.runner.attention_impl == impl and e.runner.use_graphs
+        if not mixed:  # (the mixed run's engine may reuse the previous run's compiled graph)
             assert (counters["stats"]["unique_graphs"] > graphs) == compile
-            texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
-            assert texts == reference * 2, (impl, compile)
-            # One at a time: each prompt's first chunk is a lone fresh prefill, replayed from a prefill
-            # graph (token buckets 16/32 here); the repeats hit the prefix cache and run eagerly.
-            replays = e.runner.prefill_graph_replays
-            alone = [e.generate([p], SamplingParams(max_tokens=24))[0]["text"] for p in prompts * 2]
-            assert alone == reference * 2, (impl, compile, "one at a time")
-            assert e.runner.prefill_graph_replays > replays
+        mixed_replays = e.runner.prefill_graph_replays
+        texts = [r["text"] for r in e.generate(prompts * 2, SamplingParams(max_tokens=24))]
+        assert texts == reference * 2, (impl, compile, mixed)
+        assert not mixed or e.runner.prefill_graph_replays > mixed_replays  # prompts joined decoding steps
+        # One at a time: each prompt's first chunk is a lone fresh prefill, replayed from a prefill
+        # graph (token buckets 16/32 here); the repeats hit the prefix cache and run eagerly.
+        replays = e.runner.prefill_graph_replays
+        alone = [e.generate([p], SamplingParams(max_tokens=24))[0]["text"] for p in prompts * 2]
+        assert alone == reference * 2, (impl, compile, mixed, "one at a time")
+        assert e.runner.prefill_graph_replays > replays
 
 
 @pytest.mark.gpu

@@ -96,6 +96,47 @@ def emulate_decode_graphs(e: Engine) -> list[int]:
     return sizes
 
 
+def emulate_prefill_graphs(e: Engine, buckets=(16, 32, 64)) -> None:
+    """Fresh prompt chunks of up to buckets[-1] tokens take the prefill-graph path (`_prefill_replay`:
+    padding to a token bucket, static inputs) on CPU. As with captured graphs, each bucket's graph
+    has one output buffer that every replay of it overwrites."""
+    from types import SimpleNamespace
+
+    from llm import model as llm_model
+
+    r, graphs, P = e.runner, {}, buckets[-1]
+    r.prefill_buckets = list(buckets)
+    r.p_tokens, r.p_slots = torch.zeros(P, dtype=torch.long), torch.zeros(P, dtype=torch.long)
+    r.p_pos, r.p_row = torch.arange(P), torch.zeros(1, dtype=torch.long)
+
+    def prefill_graph(n):
+        if n not in graphs:
+            out = torch.empty(1, r.vocab_size)
+
+            def replay():
+                batch = llm_model.Batch(r.p_slots[:n], 0, None, None, chunks=[(0, n, 0, r.p_slots[:1])])
+                out.copy_(r.model(r.p_tokens[:n], r.p_pos[:n], r.cache.layers, batch, r.p_row))
+            graphs[n] = (SimpleNamespace(replay=replay), out)
+        return graphs[n]
+
+    r._prefill_graph = prefill_graph
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_mixed_steps_through_decode_and_prefill_graphs_match_transformers(checkpoint, reference, mixed):
+    """mixed_prefill_graphs: a step with decode rows and up to 2 fresh prompts replays graphs only."""
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=64, mixed_prefill_graphs=mixed)
+    emulate_decode_graphs(e)
+    emulate_prefill_graphs(e)
+    replays, eager = e.runner._replays, e.runner._eager
+    calls = {"replays": 0, "eager": 0}
+    e.runner._replays = lambda *a: calls.__setitem__("replays", calls["replays"] + 1) or replays(*a)
+    e.runner._eager = lambda *a: calls.__setitem__("eager", calls["eager"] + 1) or eager(*a)
+    results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
+    assert (calls["replays"] > 0) == mixed and calls["eager"] > 0  # long prompts and prefix hits stay eager
+
+
 def emulate_fused_rope(e: Engine, monkeypatch) -> None:
     """The CUDA path's attention branch on CPU: RoPE and the k/v cache writes through
     `attention.rope_and_write` (an OpenAI-Triton kernel on GPU; here the same in torch), so chunks

@@ -28,6 +28,9 @@ TUNED_BATCH = 8
 # Prefill graphs (settings.prefill_graphs): token buckets up to this. Longer prompts keep the GPU busy
 # long enough for eager launches to run ahead of it.
 PREFILL_GRAPH_MAX_TOKENS = 512
+# mixed_prefill_graphs: at most this many prompt chunks per step go through their prefill graphs;
+# each replay reads every weight once, while an eager step reads them once for all of its tokens.
+MAX_MIXED_PREFILL_REPLAYS = 2
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -222,7 +225,19 @@ class ModelRunner:
             return self._decode_graph(decode, prev_tokens), sampled
         if not decode and len(prefill) == 1 and self._fits_prefill_graph(prefill[0]):
             return self._prefill_replay(prefill[0]), sampled
+        if self.s.mixed_prefill_graphs and len(prefill) <= MAX_MIXED_PREFILL_REPLAYS \
+                and all(self._fits_prefill_graph(c) for c in prefill):
+            return self._replays(decode, prefill, prev_tokens), sampled
         return self._eager(decode, prefill, prev_tokens), sampled
+
+    def _replays(self, decode: list[Chunk], prefill: list[Chunk], prev_tokens) -> torch.Tensor:
+        """A mixed step as graph replays: the decode rows' graph, then each fresh prompt chunk's
+        prefill graph (each replay reads the weights once: worth it for few chunks). Every output is
+        copied out before the next replay: the graphs share one memory pool, so a replay may reuse
+        the memory of another graph's output. -> logits in `sampled` order (decode rows, then chunks)."""
+        outs = [self._decode_graph(decode, prev_tokens).clone()] if decode else []
+        outs += [self._prefill_replay(c).clone() for c in prefill]
+        return torch.cat(outs)
 
     def _inputs(self, c: Chunk, tokens: list, pos: list, slots: list, flights: list, offset: int) -> None:
         seq, bs = c.seq, self.block_size
