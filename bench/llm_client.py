@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from bench.baseline_hf import percentile
+from bench.engine_inproc import per_token_gaps
 from clients.llm_stream import finish_stream
 
 
@@ -70,10 +71,7 @@ async def _one_request(client, model: str, prompt: str, osl: int, rid: str, batc
         responses.cancel()  # a no-op once the call is complete
     assert final, f"request {rid}: stream ended without the final flag"
     assert counts and counts[-1] == osl, f"request {rid}: {counts[-1:]} tokens, expected {osl}"
-    itl = []  # per token: a response carrying k new tokens after a gap g counts k gaps of g/k
-    for (ta, ca), (tb, cb) in zip(zip(stamps, counts), zip(stamps[1:], counts[1:])):
-        if cb > ca:
-            itl += [(tb - ta) / (cb - ca)] * (cb - ca)
+    itl = per_token_gaps([stamps], [counts])  # a response carrying k new tokens after a gap g: k gaps of g/k
     # TPOT: time per output token after the first, per request (robust to coalesced responses).
     tpot = (stamps[-1] - stamps[0]) / (counts[-1] - counts[0]) if counts[-1] > counts[0] else float("nan")
     return {"t0": t0, "ttft": stamps[0] - t0, "first_tokens": counts[0], "end": stamps[-1], "tokens": counts[-1],
