@@ -80,7 +80,7 @@ def decode_sweep(engine, batches: list[int], context: int, steps: int = 50) -> l
     out = []
     for B in batches:
         chunks = _fake_decode_batch(engine, B, context)
-        step = lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()  # noqa: E731
+        step = _step_fn(engine, chunks)
         for _ in range(5):
             step()
         torch.cuda.synchronize()
@@ -94,23 +94,32 @@ def decode_sweep(engine, batches: list[int], context: int, steps: int = 50) -> l
     return out
 
 
-def profile_decode(engine, B: int, context: int, steps: int = 10, top: int = 15) -> dict:
-    """Top CUDA kernels and CPU ops of `steps` decode steps (as tables)."""
-    import torch
+def _step_fn(engine, chunks):
+    """One runner step over `chunks` with greedy argmax; .tolist() waits for the device."""
+    return lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()
+
+
+def _profile_tables(step, steps: int, top: int) -> dict:
+    """Top CUDA kernels and CPU ops of `steps` calls of step() (as tables)."""
     from torch.profiler import ProfilerActivity, profile
 
-    chunks = _fake_decode_batch(engine, B, context)
-    for _ in range(3):
-        engine.runner.forward(chunks, None)[0].argmax(-1).tolist()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            engine.runner.forward(chunks, None)[0].argmax(-1).tolist()
-        torch.cuda.synchronize()
-    _release(engine, chunks)
+            step()
     ka = prof.key_averages()
-    return {"batch": B, "context": context, "steps": steps,
-            "cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
+    return {"cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
             "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
+
+
+def profile_decode(engine, B: int, context: int, steps: int = 10, top: int = 15) -> dict:
+    """Top CUDA kernels and CPU ops of `steps` decode steps (as tables)."""
+    chunks = _fake_decode_batch(engine, B, context)
+    step = _step_fn(engine, chunks)
+    for _ in range(3):
+        step()
+    tables = _profile_tables(step, steps, top)
+    _release(engine, chunks)
+    return {"batch": B, "context": context, "steps": steps, **tables}
 
 
 def prefill_step(engine, n: int, cached: int = 0, steps: int = 10, gap_s: float = 0.2, top: int = 15) -> dict:
@@ -118,8 +127,6 @@ def prefill_step(engine, n: int, cached: int = 0, steps: int = 10, gap_s: float 
     host copy included; cached > 0: its first `cached` tokens' keys/values are in the cache, a prefix
     hit): median step time back to back, then each step after `gap_s` of GPU idleness (an idle
     server's single requests), and the profiler tables of `steps` back-to-back steps."""
-    from torch.profiler import ProfilerActivity, profile
-
     from llm.engine import Request
     from llm.sampling import SamplingParams
     from llm.scheduler import Chunk, Sequence
@@ -127,8 +134,7 @@ def prefill_step(engine, n: int, cached: int = 0, steps: int = 10, gap_s: float 
     ids = [10 + i % (engine.runner.vocab_size - 10) for i in range(n)]
     seq = Sequence(Request(ids, SamplingParams(max_tokens=1), lambda o: None))
     seq.blocks = [engine.pool.allocate() for _ in range(-(-n // engine.settings.block_size))]
-    chunks = [Chunk(seq, cached, n - cached, True)]
-    step = lambda: engine.runner.forward(chunks, None)[0].argmax(-1).tolist()  # noqa: E731
+    step = _step_fn(engine, [Chunk(seq, cached, n - cached, True)])
 
     def timed() -> float:
         t0 = time.perf_counter()
@@ -142,15 +148,11 @@ def prefill_step(engine, n: int, cached: int = 0, steps: int = 10, gap_s: float 
     for _ in range(steps):
         time.sleep(gap_s)
         after_gap.append(timed())
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()  # .tolist() waits for the device
+    tables = _profile_tables(step, steps, top)
     engine.pool.release(seq.blocks)
-    ka = prof.key_averages()
-    return {"tokens": n, "cached": cached, "steps": steps, "step_p50_s": percentile(back_to_back, 50), "step_min_s": min(back_to_back),
-            "gap_s": gap_s, "after_gap_p50_s": percentile(after_gap, 50), "after_gap_min_s": min(after_gap),
-            "cuda_table": ka.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
-            "cpu_table": ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
+    return {"tokens": n, "cached": cached, "steps": steps, "step_p50_s": percentile(back_to_back, 50),
+            "step_min_s": min(back_to_back), "gap_s": gap_s, "after_gap_p50_s": percentile(after_gap, 50),
+            "after_gap_min_s": min(after_gap), **tables}
 
 
 def per_token_gaps(stamps: list[list[float]], cum: list[list[int]]) -> list[float]:
@@ -229,16 +231,20 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
             "preemptions": engine.scheduler.preemptions}
 
 
+def _idle_prompt(engine, isl: int, seed: int) -> list[int]:
+    """Random prompt ids, seeded by length too: prompts of different lengths never share a prefix
+    (no prefix-cache hits between idle requests)."""
+    import torch
+
+    g = torch.Generator().manual_seed(isl * 1000 + seed)
+    return torch.randint(10, engine.runner.vocab_size, (isl,), generator=g).tolist()
+
+
 def idle_ttft(engine, isl: int, n: int = 20) -> dict:
     """TTFT of single requests on an idle engine (median of n)."""
     rs = []
     for i in range(n):
-        import torch
-
-        # Seeded by length too: prompts of different lengths never share a prefix (no prefix-cache hits).
-        g = torch.Generator().manual_seed(isl * 1000 + i)
-        ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=g).tolist()
-        r = _run(engine, [(ids, 1)], 1)[0]
+        r = _run(engine, [(_idle_prompt(engine, isl, i), 1)], 1)[0]
         rs.append(r["stamps"][0] - r["t0"])
     return {"isl": isl, "n": n, "ttft_p50_s": percentile(rs, 50), "ttft_min_s": min(rs)}
 
@@ -272,7 +278,7 @@ def idle_ttft_trace(engine, isl: int, n: int = 5) -> list[dict]:
     traces = []
     try:
         for i in range(n):
-            ids = torch.randint(10, engine.runner.vocab_size, (isl,), generator=torch.Generator().manual_seed(isl * 1000 + 500 + i)).tolist()
+            ids = _idle_prompt(engine, isl, 500 + i)  # not idle_ttft's prompts
             calls.clear()
             ev0 = event()
             if cuda:
