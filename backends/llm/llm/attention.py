@@ -48,23 +48,21 @@ def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> t
     [>= ceil((start+n)/block_size)] -> [n, H, D]."""
     n, H, D = q.shape
     KVH = k_cache.shape[2]
-    n_rep = H // KVH
-    if start == 0:  # keys are this chunk only: causal attention, flash-eligible on GPU
-        kk = k.transpose(0, 1).repeat_interleave(n_rep, dim=0)  # [H, n, D]
-        vv = v.transpose(0, 1).repeat_interleave(n_rep, dim=0)
-        y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=True, scale=scale)
-        return y[0].transpose(0, 1)
-    L = start + n
-    bs = k_cache.shape[1]
-    nb = -(-L // bs)
-    row = block_row[:nb].long()
-    kk = k_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1).repeat_interleave(n_rep, dim=0)  # [H, L, D]
-    vv = v_cache[row].view(nb * bs, KVH, D)[:L].transpose(0, 1).repeat_interleave(n_rep, dim=0)
-    # Causal with the queries at the last n of L positions (bottom-right aligned): flash attention on
-    # GPU. An explicit mask kept SDPA off the flash kernel: a 1920-token chunk after a 128-token
-    # cached prefix took 12 ms longer on the H200 than the whole 2048-token prompt.
-    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], attn_mask=causal_lower_right(n, L),
-                                       scale=scale)
+    if start == 0:  # keys are this chunk only: causal attention
+        kk, vv, causal = k, v, {"is_causal": True}
+    else:  # the cached prefix + this chunk, gathered from the cache
+        L = start + n
+        bs = k_cache.shape[1]
+        nb = -(-L // bs)
+        row = block_row[:nb].long()
+        kk, vv = k_cache[row].view(nb * bs, KVH, D)[:L], v_cache[row].view(nb * bs, KVH, D)[:L]
+        # Causal with the queries at the last n of L positions (bottom-right aligned): flash attention
+        # on GPU. An explicit mask kept SDPA off the flash kernel: with 128 of 2048 tokens cached, idle
+        # TTFT was 70 ms on the H200 against 59 ms for the whole prompt (two device calls).
+        causal = {"attn_mask": causal_lower_right(n, L)}
+    kk = kk.transpose(0, 1).repeat_interleave(H // KVH, dim=0)  # [H, L, D]: query head h uses kv head h // n_rep
+    vv = vv.transpose(0, 1).repeat_interleave(H // KVH, dim=0)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], scale=scale, **causal)
     return y[0].transpose(0, 1)
 
 
