@@ -137,6 +137,13 @@ def test_mixed_steps_through_decode_and_prefill_graphs_match_transformers(checkp
     assert (calls["replays"] > 0) == mixed and calls["eager"] > 0  # long prompts and prefix hits stay eager
 
 
+def test_mixed_prefill_graphs_without_graphs_runs_eagerly(checkpoint, reference):
+    """On CPU (or with cuda_graphs off) the setting changes nothing: every step runs eagerly."""
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=64, mixed_prefill_graphs=True)
+    results = e.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS]
+
+
 def emulate_fused_rope(e: Engine, monkeypatch) -> None:
     """The CUDA path's attention branch on CPU: RoPE and the k/v cache writes through
     `attention.rope_and_write` (an OpenAI-Triton kernel on GPU; here the same in torch), so chunks

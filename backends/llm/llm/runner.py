@@ -225,7 +225,7 @@ class ModelRunner:
             return self._decode_graph(decode, prev_tokens), sampled
         if not decode and len(prefill) == 1 and self._fits_prefill_graph(prefill[0]):
             return self._prefill_replay(prefill[0]), sampled
-        if self.s.mixed_prefill_graphs and len(prefill) <= MAX_MIXED_PREFILL_REPLAYS \
+        if self.s.mixed_prefill_graphs and 0 < len(prefill) <= MAX_MIXED_PREFILL_REPLAYS \
                 and all(self._fits_prefill_graph(c) for c in prefill):
             return self._replays(decode, prefill, prev_tokens), sampled
         return self._eager(decode, prefill, prev_tokens), sampled
