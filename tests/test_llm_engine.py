@@ -128,10 +128,17 @@ def test_mixed_steps_through_decode_and_prefill_graphs_match_transformers(checkp
     e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=64, mixed_prefill_graphs=mixed)
     emulate_decode_graphs(e)
     emulate_prefill_graphs(e)
-    replays, eager = e.runner._replays, e.runner._eager
     calls = {"replays": 0, "eager": 0}
-    e.runner._replays = lambda *a: calls.__setitem__("replays", calls["replays"] + 1) or replays(*a)
-    e.runner._eager = lambda *a: calls.__setitem__("eager", calls["eager"] + 1) or eager(*a)
+
+    def counted(name):
+        method = getattr(e.runner, f"_{name}")
+
+        def call(*args):
+            calls[name] += 1
+            return method(*args)
+        return call
+
+    e.runner._replays, e.runner._eager = counted("replays"), counted("eager")
     results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
     assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
     assert (calls["replays"] > 0) == mixed and calls["eager"] > 0  # long prompts and prefix hits stay eager
