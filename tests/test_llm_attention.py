@@ -143,10 +143,12 @@ def test_engine_on_gpu_matches_transformers_with_either_attention_eager_or_compi
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_rope_and_cache_write_matches_torch(dtype):
+@pytest.mark.parametrize("N", [37, 200])  # a head per program; 16 heads per program (12 live, 4 masked)
+def test_triton_rope_and_cache_write_matches_torch(dtype, N):
     from llm.model import rotate_half
 
-    N, ctx = 37, 64
+    assert (N >= attention.ROPE_HEADS_PER_PROGRAM_FROM) == (N == 200)
+    ctx = 256
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(N, H + 2 * KVH, D, generator=g).to("cuda", dtype)
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
@@ -154,9 +156,13 @@ def test_triton_rope_and_cache_write_matches_torch(dtype):
     cos = torch.cat([freqs, freqs], -1).cos().to("cuda", dtype)
     sin = torch.cat([freqs, freqs], -1).sin().to("cuda", dtype)
     pos = torch.randint(0, ctx, (N,), generator=g).cuda()
-    slots = (torch.randperm(16 * BS - BS, generator=g)[:N] + BS).cuda()
-    kc, vc = [torch.zeros(16, BS, KVH, D, dtype=dtype, device="cuda") for _ in range(2)]
+    blocks = N // BS + 4
+    slots = (torch.randperm(blocks * BS - BS, generator=g)[:N] + BS).cuda()
+    kc, vc = [torch.zeros(blocks, BS, KVH, D, dtype=dtype, device="cuda") for _ in range(2)]
     q = attention.rope_and_write(qkv, cos, sin, pos, slots, kc, vc, H, KVH)
+    untouched = torch.ones(blocks * BS, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert not kc.view(-1, KVH, D)[untouched].any() and not vc.view(-1, KVH, D)[untouched].any()
     qk = qkv[:, : H + KVH].float()
     ref = qk * cos[pos][:, None].float() + rotate_half(qk) * sin[pos][:, None].float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm import attention
+from llm import activation, attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -152,13 +152,16 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.inter = a.intermediate_size
         self.w13 = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.fused_act = False  # the runner turns on the Triton SiLU*up kernel on CUDA
 
     def forward(self, x):
-        gate, up = self.w13(x).split([self.inter, self.inter], dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate_up = self.w13(x)  # [N, 2 * inter]
+        # torch.compile'd layers (decode graphs) fuse the activation into their own kernels.
+        if self.fused_act and not torch.compiler.is_compiling():
+            return self.w2(activation.silu_mul_triton(gate_up))
+        return self.w2(activation.silu_mul_torch(gate_up))
 
 
 class Block(nn.Module):
@@ -186,7 +189,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # [max_context, D]
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.decode_attention = attention.decode_torch  # the runner picks the implementation
-        self.fused_rope = False  # the runner turns on the Triton RoPE + cache-write kernel on CUDA
+        self.fused_rope = False  # the Triton RoPE + cache-write kernel (use_triton_kernels)
+
+    def use_triton_kernels(self, on: bool) -> None:
+        """The OpenAI-Triton kernels for RoPE + cache write and SiLU*up (CUDA: the runner turns them on)."""
+        self.fused_rope = on
+        for layer in self.layers:
+            layer.feed_forward.fused_act = on
 
     def set_rope(self, hf_config, dtype: torch.dtype):
         # HF's own rotary module gives inv_freq and scaling for every rope type (llama3, yarn, ...).

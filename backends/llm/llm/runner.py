@@ -84,7 +84,7 @@ class ModelRunner:
         self.max_blocks = -(-self.max_context // self.block_size)  # per sequence
         self.attention_impl = self._pick_attention(settings.attention)
         self.model.decode_attention = self._decode_attention
-        self.model.fused_rope = self.attention_impl == "triton"
+        self.model.use_triton_kernels(self.attention_impl == "triton")
         self.sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0
         per_block = bytes_per_block(a.num_layers, a.num_kv_heads, a.head_dim, self.block_size, self.dtype)
         num_blocks = self._num_blocks(per_block)
