@@ -70,6 +70,22 @@ def test_prefill_chunk_matches_naive_reference(start, n):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: SDPA's flash kernel, GQA inside it
+@pytest.mark.parametrize("start,n", [(0, 70), (40, 90)])
+def test_prefill_chunk_on_gpu_matches_naive_reference(dtype, start, n):
+    kc, vc = make_cache(64, dtype, "cuda")
+    row = tables([start + n], 64)[0].long().cuda()
+    slots = torch.tensor([row[p // BS] * BS + p % BS for p in range(start, start + n)], device="cuda")
+    k, v = kc.view(-1, KVH, D)[slots], vc.view(-1, KVH, D)[slots]
+    q = torch.randn(n, H, D, device="cuda").to(dtype)
+    out = attention.prefill(q, k, v, kc, vc, row, start, D**-0.5)
+    ref = naive(q, gather(kc, row, start + n), gather(vc, row, start + n))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
 def test_num_splits_fills_the_gpu_only_when_the_batch_does_not():
     assert attention.num_splits(1, 8, 132) == 16
     assert attention.num_splits(64, 8, 132) == 1

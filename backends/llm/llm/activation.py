@@ -21,7 +21,8 @@ BLOCK = 1024  # elements of one row per program
 
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [N, 2I] (gate | up) -> silu(gate) * up [N, I]: the reference and the CPU path."""
-    gate, up = gate_up.chunk(2, dim=-1)
+    inter = gate_up.shape[-1] // 2
+    gate, up = gate_up.split([inter, inter], dim=-1)
     return F.silu(gate) * up
 
 

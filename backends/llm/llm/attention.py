@@ -60,9 +60,10 @@ def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> t
         # on GPU. An explicit mask kept SDPA off the flash kernel: with 128 of 2048 tokens cached, idle
         # TTFT was 70 ms on the H200 against 59 ms for the whole prompt (two device calls).
         causal = {"attn_mask": causal_lower_right(n, L)}
-    kk = kk.transpose(0, 1).repeat_interleave(H // KVH, dim=0)  # [H, L, D]: query head h uses kv head h // n_rep
-    vv = vv.transpose(0, 1).repeat_interleave(H // KVH, dim=0)
-    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], scale=scale, **causal)
+    # GQA inside SDPA (query head h uses kv head h // n_rep, as HF's repeat_kv): flash reads the KVH
+    # heads as they are; expanding them first cost 1.7 ms of copies in a 2048-token 8B prefill (H200).
+    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
+                                       scale=scale, enable_gqa=H != KVH, **causal)  # [1, H, n, D]
     return y[0].transpose(0, 1)
 
 
