@@ -73,7 +73,7 @@ for s in "$@"; do
     smoke) stage smoke 180 "$VPY" -m bench.smoke --workdir /tmp/smoke && cp /tmp/smoke/smoke-server.log "$RES/" ;;
     roofline) stage roofline 120 "$VPY" -c "import json; from bench.roofline import copy_bandwidth; print(json.dumps(copy_bandwidth()))" \
                 && grep '^{"bytes"' "$LOG" | tail -1 >"$RES/copy_bandwidth.json" ;;
-    gputests) stage gputests 300 "$VPY" -m pytest -q -m gpu -p no:cacheprovider tests/test_llm_attention.py tests/test_llm_activation.py ;;
+    gputests) stage gputests 300 "$VPY" -m pytest -q -m gpu -p no:cacheprovider tests/test_llm_attention.py tests/test_llm_activation.py tests/test_llm_engine.py ;;
     ours8b) stage ours8b 420 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches 1 8 32 64 --context 256 \
               ${OURS8B_ARGS:---profile 1 64 --workload 128:256 2048:256 chat --concurrency 1 8 64 --idle-ttft 128 2048} \
               --out "$RES/ours_llama-3.1-8b.json" ;;

@@ -228,6 +228,7 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "steps": steps, "host_ms_per_step": 1e3 * (st1.host_s - st0.host_s) / max(1, steps),
+            "device_idle_ms_per_step": 1e3 * (st1.device_idle_s - st0.device_idle_s) / max(1, steps),
             "preemptions": engine.scheduler.preemptions}
 
 

@@ -145,7 +145,7 @@ def drive(url: str, model: str, prompts: list[str], osl: int | list[int], concur
 
 
 ENGINE_COUNTERS = ("llm_engine_steps_total", "llm_engine_host_seconds_total", "llm_engine_device_wait_seconds_total",
-                   "llm_gc_pause_seconds_total")
+                   "llm_gc_pause_seconds_total", "llm_engine_device_idle_seconds_total")
 
 
 def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
@@ -164,10 +164,11 @@ def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
 
 
 def engine_split(before: dict, after: dict) -> dict:
-    """Per level, from the engine's counters: steps, host and device-wait ms per step, GC pauses."""
+    """Per level, from the engine's counters: steps, host, device-wait and device-idle ms per step, GC pauses."""
     d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
     steps = max(1.0, d["llm_engine_steps_total"])
     return {"engine_steps": int(d["llm_engine_steps_total"]),
             "engine_host_ms_per_step": 1e3 * d["llm_engine_host_seconds_total"] / steps,
             "engine_wait_ms_per_step": 1e3 * d["llm_engine_device_wait_seconds_total"] / steps,
+            "engine_idle_ms_per_step": 1e3 * d["llm_engine_device_idle_seconds_total"] / steps,
             "gc_pause_s": d["llm_gc_pause_seconds_total"]}

@@ -24,7 +24,8 @@ SAMPLE = {
     "shapes": {
         "llama-3.1-8b": {
             "triton": {"levels": [level(128, 1, 100.0, 0.05, 0.0099, 0.005),  # 1/TPOT = 200 tok/s: met
-                                  level(128, 64, 6000.0, 0.9, 0.0122, 0.0125),  # 6000 < 7000: missed
+                                  level(128, 64, 6000.0, 0.9, 0.0122, 0.0125)  # 6000 < 7000: missed
+                                  | {"engine_host_ms_per_step": 3.2, "engine_idle_ms_per_step": 0.04},
                                   level(2048, 64, 800.0, 8.0, 0.02, 0.04)],
                        "ttft_idle": [{"isl": 128, "ttft_p50_s": 0.012}, {"isl": 2048, "ttft_p50_s": 0.149}],
                        "gpu_mem_idle_mib": 56000, "gpu_mem_peak_mib": 62000, "export_s": 20.0, "server_ready_s": 17.0},
@@ -67,6 +68,8 @@ def test_each_target_has_its_figure_and_verdict(rendered):
     assert "| 12.0 ms | Triton | **met** |" in rows["llama-3.1-8b: TTFT idle server, 128-token prompt (median of 20)"]
     assert "| 149.0 ms | Triton | **missed** |" in rows["llama-3.1-8b: TTFT idle server, 2048-token prompt (median of 20)"]
     assert "| 8,000.0 ms | Triton | **missed** |" in rows["llama-3.1-8b: 64 streams TTFT p50, 2048/256"]
+    host = rows["llama-3.1-8b: 64 streams host time on the critical path per step (GPU idle between steps), 128/256"]
+    assert "| ≤ 0.3 ms | 0.04 ms | Triton (all host work: 3.20 ms/step) | **met** |" in host
     # No TinyLlama data: reported as not measured, never as met.
     assert "n/a (not measured)" in rows["tinyllama-1.1b: batch-1 decode (1 / TPOT), 128/256"]
 

@@ -227,6 +227,7 @@ def test_metrics_exported(server):
     assert _metric(server, "llm_engine_host_seconds_total") > 0
     assert _metric(server, "llm_engine_device_wait_seconds_total") >= 0
     assert _metric(server, "llm_gc_pause_seconds_total") >= 0
+    assert _metric(server, "llm_engine_device_idle_seconds_total") == 0  # CPU: no device events
 
 
 def test_token_counter_current_at_final_response(server):

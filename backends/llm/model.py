@@ -144,13 +144,15 @@ class TritonMetrics(Metrics):
             F("llm_engine_host_seconds_total", "Engine-thread time in steps not spent waiting for the device (Python work and GIL waits)", F.COUNTER),
             F("llm_engine_device_wait_seconds_total", "Engine-thread time spent waiting for the device's sampled tokens", F.COUNTER),
             F("llm_gc_pause_seconds_total", "Garbage-collector pauses in the model process (every thread stops)", F.COUNTER),
+            F("llm_engine_device_idle_seconds_total", "GPU time idle between consecutive engine steps, waiting for the "
+              "host to launch the next one (the host's share of the critical path)", F.COUNTER),
         ]
-        ttft, itl, tokens, *gauges, preempt, queried, hit, steps, host, wait, gc_pause = self.families
+        ttft, itl, tokens, *gauges, preempt, queried, hit, steps, host, wait, gc_pause, idle = self.families
         self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
         self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
         self.tokens = tokens.Metric(labels=labels)
         self.gauge_metrics = [f.Metric(labels=labels) for f in gauges]  # running, waiting, usage, used, free
-        self.counters = [f.Metric(labels=labels) for f in (preempt, queried, hit, steps, host, wait, gc_pause)]
+        self.counters = [f.Metric(labels=labels) for f in (preempt, queried, hit, steps, host, wait, gc_pause, idle)]
         self._pending_tokens = 0
         self._last: tuple | None = None
         self._counted = (0,) * len(self.counters)
@@ -187,7 +189,7 @@ class TritonMetrics(Metrics):
             self._last = values
             self.post(lambda: [m.set(v) for m, v in zip(self.gauge_metrics, values)])
         counted = (st.preemptions, st.prefix_queried_tokens, st.prefix_hit_tokens, st.steps, st.host_s, st.wait_s,
-                   st.gc_pause_s)
+                   st.gc_pause_s, st.device_idle_s)
         deltas = [now - before for now, before in zip(counted, self._counted)]
         if any(deltas):
             self._counted = counted

@@ -47,7 +47,8 @@ class _Launched:
     sampled: list[Chunk]
     next_tokens: torch.Tensor  # [S] on the device
     host: torch.Tensor  # its host copy, valid once `ready` has fired
-    ready: object  # torch.cuda.Event or None
+    ready: object  # torch.cuda.Event (timing) after the step's work, or None (CPU)
+    started: object = None  # torch.cuda.Event (timing) before the step's first work (llm/runner.py)
 
 
 class Engine:
@@ -86,6 +87,10 @@ class Engine:
         self._fault = parse_fault(os.environ.get(FAULT_ENV, ""))
         self._host_s = 0.0  # time in step() not spent waiting for the device (benchmarks: host work per step)
         self._wait_s = 0.0
+        # The device's idle time between steps: from the previous step's end to this step's first work
+        # (CUDA events). What the host costs the critical path, where host_s is all of its work.
+        self._idle_s = 0.0
+        self._prev_ready = None  # the previous step's `ready` event, while steps follow each other
         self.gc_watch = GcWatch()
 
     @property
@@ -195,6 +200,7 @@ class Engine:
             self._process(pending)
         if launched is None:
             self._last_decode = None  # idle time is not an inter-token latency
+            self._prev_ready = None  # nor is it the host's cost
         elif self.settings.overlap:
             self._pending = launched
         else:
@@ -246,9 +252,9 @@ class Engine:
         # step launched after this one.
         host = torch.empty(next_tokens.shape, dtype=next_tokens.dtype, pin_memory=True)
         host.copy_(next_tokens, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return _Launched(sampled, next_tokens, host, ready)
+        return _Launched(sampled, next_tokens, host, ready, self.runner.started)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next tokens [len(seqs)] on the device."""
@@ -266,6 +272,9 @@ class Engine:
             t = time.perf_counter()
             launched.ready.synchronize()  # releases the GIL while waiting
             self._wait_s += time.perf_counter() - t
+            if self._prev_ready is not None and launched.started is not None:
+                self._idle_s += self._prev_ready.elapsed_time(launched.started) / 1e3
+            self._prev_ready = launched.ready
         ids = launched.host.tolist()
         now = time.perf_counter()
         # Every token is counted (before any final response goes out: Metrics.finished); only a step
@@ -334,7 +343,7 @@ class Engine:
         sc = self.scheduler
         return Stats(len(self.running), len(self.waiting) + self._incoming.qsize(), self.pool.num_used,
                      self.pool.usable, sc.preemptions, sc.prefix_queried, sc.prefix_hit, self._steps, self._host_s,
-                     self._wait_s, self.gc_watch.total_s)
+                     self._wait_s, self.gc_watch.total_s, self._idle_s)
 
     def _publish_metrics(self, force: bool) -> None:
         now = time.perf_counter()

@@ -61,6 +61,7 @@ class Stats:
     host_s: float = 0.0  # in steps, not waiting for the device (Python work, and waits for the GIL)
     wait_s: float = 0.0  # waiting for the device's sampled tokens
     gc_pause_s: float = 0.0  # garbage-collector pauses since the engine started (every thread stops)
+    device_idle_s: float = 0.0  # the device idle between consecutive steps, waiting for the host (CUDA)
 
 
 class Metrics:

@@ -115,6 +115,7 @@ class ModelRunner:
             self.p_row = torch.zeros(1, dtype=torch.long, device=dev)  # the logits row: prompt length - 1
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graph_replays = 0
+        self.started: torch.cuda.Event | None = None  # when the device reached this step's first work (CUDA)
         log.info("model %s on %s %s: KV pool %d blocks x %d tokens (%.1f MiB, %.0f max-context sequences), "
                  "attention %s", a.architecture, self.device, self.dtype, num_blocks, self.block_size,
                  self.cache.nbytes / 2**20, (num_blocks - 1) / self.max_blocks, self.attention_impl)
@@ -218,6 +219,7 @@ class ModelRunner:
         """Compute the chunks' tokens. -> (logits [S, V] fp32, the S chunks with sample=True in the
         logits' row order). prev_tokens: the previous step's sampled tokens on the device; a chunk
         of an in-flight sequence takes its input token from prev_tokens[seq.flight_row]."""
+        self.started = None
         decode = [c for c in chunks if c.n == 1]
         prefill = [c for c in chunks if c.n > 1]
         sampled = [c for c in decode + prefill if c.sample]
@@ -229,6 +231,13 @@ class ModelRunner:
                 and all(self._fits_prefill_graph(c) for c in prefill):
             return self._replays(decode, prefill, prev_tokens), sampled
         return self._eager(decode, prefill, prev_tokens), sampled
+
+    def _mark_started(self) -> None:
+        """Record `started` before the step's first device work (once per step): the engine measures
+        the device's idle time between steps from it (the host's share of the critical path)."""
+        if self.device.type == "cuda" and self.started is None:
+            self.started = torch.cuda.Event(enable_timing=True)
+            self.started.record()
 
     def _replays(self, decode: list[Chunk], prefill: list[Chunk], prev_tokens) -> torch.Tensor:
         """A mixed step as graph replays: the decode rows' graph, then each fresh prompt chunk's
@@ -260,6 +269,7 @@ class ModelRunner:
             self._inputs(c, tokens, pos, slots, flights, len(tokens))
         dev = self.device
         table = lens = None
+        self._mark_started()
         if decode:
             table = to_device(_padded_table(decode), dev)
             lens = to_device([c.start + 1 for c in decode], dev, torch.int32)
@@ -291,15 +301,17 @@ class ModelRunner:
         for row, flight_row in flights:
             src[row] = flight_row
         zeros = [0] * pad
-        # Flat lists (llm/device.py host_tensor: one fast conversion each).
-        x = to_device(host_tensor(tokens + zeros + pos + zeros + slots + zeros + src).view(4, Bb), dev)
         rows = []
         for c in decode:
             rows.append(c.start + 1)
             rows += c.seq.blocks
             rows += [NULL_BLOCK] * (nb_live - len(c.seq.blocks))
         rows += ([1] + [NULL_BLOCK] * nb_live) * pad
-        y = to_device(host_tensor(rows, torch.int32).view(Bb, 1 + nb_live), dev)
+        # Flat lists (llm/device.py host_tensor: one fast conversion each).
+        hx = host_tensor(tokens + zeros + pos + zeros + slots + zeros + src).view(4, Bb)
+        hy = host_tensor(rows, torch.int32).view(Bb, 1 + nb_live)
+        self._mark_started()
+        x, y = to_device(hx, dev), to_device(hy, dev)
         tok = x[0]
         if len(flights) == B:  # every token in flight (overlap's steady state): one gather; padding rows
             tok = prev_tokens[x[3]]  # (index -1) take the last row's token, any token serves them
@@ -330,6 +342,7 @@ class ModelRunner:
         nb = bucket(n, self.prefill_buckets)
         graph, out = self._prefill_graph(nb)  # first: a capture (warmup=False) overwrites the inputs
         pad = [0] * (nb - n)
+        self._mark_started()
         self.p_tokens[:nb].copy_(to_device(tokens + pad, dev), non_blocking=True)
         self.p_slots[:nb].copy_(to_device(slots + pad, dev), non_blocking=True)
         self.p_row.copy_(to_device([n - 1], dev), non_blocking=True)
