@@ -151,7 +151,7 @@ def targets_table(shapes: dict, experiments: dict | None = None) -> list[str]:
         bound = f"{'≥' if t.higher_is_better else '≤'} {fmt(t.bound, 0)} {t.unit}"
         res = "n/a (not measured)" if ok is None else ("**met**" if ok else "**missed**")
         nd = 2 if t.bound < 1 else 1
-        bound = f"{'≥' if t.higher_is_better else '≤'} {fmt(t.bound, 0 if t.bound >= 1 else 1)} {t.unit}"
+        bound = f"{'≥' if t.higher_is_better else '≤'} {fmt(t.bound, 1 if 0 < t.bound < 1 else 0)} {t.unit}"
         rows.append(f"| {t.shape} | {t.name} | {bound} | {fmt(v, nd)} {t.unit if v is not None else ''} | {where} | {res} |")
     return rows
 
