@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.engine_inproc import closed_loop, idle_ttft, idle_ttft_trace, per_token_gaps, prefill_step
+from bench.engine_inproc import closed_loop, host_profile, idle_ttft, idle_ttft_trace, per_token_gaps, prefill_step
 from bench.workloads import chat_lengths, lengths, parse_workload, requests_for
 from llm.engine import Engine
 from llm.settings import EngineSettings
@@ -57,6 +57,13 @@ def test_idle_ttft_trace_shows_the_prefill_forward_and_leaves_the_engine_as_it_w
         assert forward[0]["tokens"] == 40 and 0 <= forward[0]["host_ms"][0] <= forward[0]["host_ms"][1] <= t["ttft_ms"]
     assert "forward" not in vars(engine.runner) and "_process" not in vars(engine)  # the wrappers are gone
     assert idle_ttft(engine, 12, n=1)["n"] == 1
+
+
+def test_host_profile_names_the_engine_threads_functions_and_unwraps_step(engine):
+    r = host_profile(engine, (6, 7), concurrency=2, top=500)
+    assert r["concurrency"] == 2 and r["steps"] > 0 and r["profiled_host_ms_per_step"] > 0
+    assert "_process" in r["table"] and "schedule" in r["table"]  # profiled on the engine thread
+    assert "step" not in vars(engine)  # the class's step again
 
 
 @pytest.mark.parametrize("cached", [0, 16])
