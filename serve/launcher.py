@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import signal
 import socket
@@ -32,6 +33,11 @@ ADMIN_HEADER = "admin-token"  # lower case: gRPC metadata keys must be
 ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_TOKEN_ENV = "TRITON_ADMIN_TOKEN"
 ADMIN_TOKEN_FILE = paths.BUILD_DIR / "admin-token"
+# Triton's stop, in its log: the drain is over and models unload; then, once a second, what is left.
+STOPPED_LINE = "All models are stopped, unloading models"
+LIVE_MODELS = re.compile(r"Found [1-9][0-9]* live models and 0 in-flight non-inference requests")
+# How long Triton may go on waiting on live models without any stub process left before it is stopped.
+DEAD_INSTANCE_GRACE_S = 1.5
 
 
 def default_admin_token() -> str:
@@ -148,6 +154,7 @@ class TritonServer(Started):
             self.options.log_file or paths.BUILD_DIR / "logs" / f"tritonserver-{self.options.http_port}.log"
         )
         self.process: subprocess.Popen | None = None
+        self.stopped_dead_instances = False  # the last stop() ended Triton's wait on dead stubs' instances
 
     # ---- endpoints
     @property
@@ -243,15 +250,27 @@ class TritonServer(Started):
         return sorted(Path("/dev/shm").glob(self.shm_prefix + "*"))
 
     def stop(self) -> int | None:
-        """SIGINT (graceful: in-flight requests finish within exit-timeout), then kill what is left."""
+        """SIGINT (graceful: in-flight requests finish within exit-timeout), then kill what is left.
+
+        Returns tritonserver's exit code, or 0 when the only thing it still waited for was model
+        instances whose stub had died (`waits_on_dead_stubs`): they can never unload, so it is
+        stopped at once instead of running out its exit timeout and exiting 1."""
         p = self.process
         if p is None:
             return None
         if p.poll() is None:
+            since = self.log_path.stat().st_size if self.log_path.exists() else 0
             p.send_signal(signal.SIGINT)
-            try:
-                p.wait(timeout=self.options.exit_timeout_secs + 20)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + self.options.exit_timeout_secs + 20
+            stuck_since = None
+            while p.poll() is None and time.monotonic() < deadline:
+                stuck = self.waits_on_dead_stubs(since)
+                stuck_since = (stuck_since or time.monotonic()) if stuck else None
+                if stuck_since and time.monotonic() - stuck_since >= DEAD_INSTANCE_GRACE_S:
+                    self.stopped_dead_instances = True
+                    break
+                time.sleep(0.2)
+            if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         # Stubs normally exit with the server; anything left in its group goes now.
@@ -266,7 +285,23 @@ class TritonServer(Started):
                 pass
         for region in self.shm_regions():
             region.unlink(missing_ok=True)
-        return p.returncode
+        return 0 if self.stopped_dead_instances else p.returncode
+
+    def waits_on_dead_stubs(self, since: int = 0) -> bool:
+        """While stopping: Triton's drain is over and models unload ("All models are stopped" in the log
+        after byte `since`), models are still live, and no stub process of this server is left. In
+        Triton 2.51 a request that reached a Python model instance after its stub died is never
+        released: that instance (replaced by the gateway's supervisor) stays live for good. Nothing is
+        lost by stopping now: no request is in flight and no stub is left to finalize."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        lines = text.splitlines()
+        return STOPPED_LINE in text and bool(lines) and LIVE_MODELS.search("\n".join(lines[-3:])) is not None \
+            and not self.stub_pids()
 
 
 

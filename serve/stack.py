@@ -273,6 +273,9 @@ def serve_forever(options: ServerOptions, gateway: GatewaySettings, quiet: bool 
         gateway_code = 0 if gateway_code == -signal.SIGTERM else gateway_code  # uvicorn re-raises SIGTERM after a clean stop
         print(f"gateway exited ({gateway_code}); tritonserver exited ({code}); leftover stubs/shm regions: "
               f"{left or 'none'}", flush=True)
+        if stack.server.stopped_dead_instances:
+            print("(tritonserver was stopped while it waited on model instances whose stub had died and was "
+                  "restarted: Triton 2.51 never releases them; nothing was in flight)", flush=True)
         if died:
             print(stack.server.log_tail() if died == "tritonserver" else stack.gateway.log_tail(), file=sys.stderr)
             return 1

@@ -224,3 +224,39 @@ def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(t
                 assert last["choices"][0]["finish_reason"] == "length", last
         assert ended > 0, "no stream was still running 1.5 s after SIGTERM: the drain's final error is untested"
         print(f"stop took {took:.1f} s; {ended} of 32 streams ended with the final error")
+
+
+def test_stop_after_a_stub_died_with_a_request_in_it_exits_0_at_once(tmp_path):
+    """A request that reaches an LLM instance after its stub died is never released by Triton 2.51, so
+    the instance the supervisor replaced stays live: Triton's own stop would wait out its exit timeout
+    and exit 1. The launcher stops it once nothing but such instances is left: exit 0, well within
+    the timeout, nothing left behind."""
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    from gateway.supervisor import scan_stubs
+
+    repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
+    grpc_port = free_port()
+    with launched(repo, exit_timeout_s=20, grpc_port=grpc_port) as (proc, url, prefix):
+        wait_ready(proc, url)
+        os.kill(next(iter(scan_stubs(prefix)["tiny_llama"])), signal.SIGKILL)
+        client = grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")  # straight to Triton: into the dead stub
+        text = grpc.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"Hello"], dtype=object))
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer("tiny_llama", [text])
+        deadline, down = time.monotonic() + 40, False
+        while True:  # the supervisor restarts the model
+            ready = httpx.get(f"{url}/v2/models/tiny_llama/ready").status_code == 200
+            down = down or not ready
+            if down and ready:
+                break
+            assert time.monotonic() < deadline, "the LLM did not heal"
+            time.sleep(0.2)
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        assert httpx.post(f"{url}/v1/completions", json={"model": "tiny_llama", "prompt": "Hi", "max_tokens": 2},
+                          timeout=30).status_code == 200
+        took = stop_and_check(proc, prefix, "after a healed stub")
+    assert proc.returncode == 0 and took < 15, f"exit {proc.returncode} after {took:.1f} s"
