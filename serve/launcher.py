@@ -202,6 +202,7 @@ class TritonServer(Started):
         env, python_version = self.preflight()
         backends = environment.assemble_backends(python_version)
         args = server_args(self.options, backends, self.admin_token, self.shm_prefix)
+        self.stopped_dead_instances = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         # Own process group: Ctrl-C in a terminal reaches the launcher only, which then stops the
@@ -299,8 +300,7 @@ class TritonServer(Started):
                 text = f.read().decode(errors="replace")
         except OSError:
             return False
-        lines = text.splitlines()
-        return STOPPED_LINE in text and bool(lines) and LIVE_MODELS.search("\n".join(lines[-3:])) is not None \
+        return STOPPED_LINE in text and LIVE_MODELS.search("\n".join(text.splitlines()[-3:])) is not None \
             and not self.stub_pids()
 
 
