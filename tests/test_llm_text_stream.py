@@ -48,27 +48,38 @@ def words(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def detokenize(tok, ids: list[int]) -> tuple[list[str], str]:
+def detokenize(tok, ids: list[int], groups: random.Random | None = None) -> tuple[list[str], str]:
+    """One token at a time, or (groups) extend() over random groups of 1-9 tokens, as a stream
+    without stop strings does between responses."""
     d = Detokenizer(tok)
-    pieces = [d(t) for t in ids]
+    if groups is None:
+        pieces = [d(t) for t in ids]
+    else:
+        pieces, i = [], 0
+        while i < len(ids):
+            k = groups.randrange(1, 10)
+            pieces.append(d.extend(ids[i:i + k]))
+            i += k
     return pieces, d.flush()
 
 
 TOKENIZERS = {"byte_level": byte_level, "byte_fallback": byte_fallback}
 
 
-def test_pieces_plus_flush_equal_decode_for_random_ids_byte_level():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_pieces_plus_flush_equal_decode_for_random_ids_byte_level(grouped):
     tok = byte_level()
     text_ids = tok.encode("hello world, the “ok” é 🙂 中文", add_special_tokens=False)
     raw = byte_ids(tok, bytes(range(0x80, 0x100)))  # bytes that are never complete characters alone
     rng = random.Random(0)
     for _ in range(300):
         ids = [rng.choice(text_ids + raw + [rng.randrange(len(tok))]) for _ in range(rng.randrange(1, 40))]
-        pieces, rest = detokenize(tok, ids)
+        pieces, rest = detokenize(tok, ids, random.Random(len(ids)) if grouped else None)
         assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True), ids
 
 
-def test_pieces_plus_flush_equal_decode_byte_fallback():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_pieces_plus_flush_equal_decode_byte_fallback(grouped):
     """Runs of byte tokens end at a word: transformers' ByteFallback decodes a run that is not valid
     UTF-8 as a whole to one U+FFFD per byte, valid characters in it included, which no streaming
     detokenizer can know before the run ends (a character goes out as soon as it is complete)."""
@@ -80,7 +91,7 @@ def test_pieces_plus_flush_equal_decode_byte_fallback():
         ids = []
         for _ in range(rng.randrange(1, 12)):
             ids += rng.choice(units) + words(tok, "the")
-        pieces, rest = detokenize(tok, ids)
+        pieces, rest = detokenize(tok, ids, random.Random(len(ids)) if grouped else None)
         assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True), ids
 
 
@@ -118,3 +129,39 @@ def test_first_response_goes_out_despite_invalid_bytes():
         if stream.take() is not None:
             firsts.append(i)
     assert firsts and firsts[0] == MAX_PENDING_REPLACEMENTS
+
+
+class CountingTokenizer:
+    """A fast tokenizer whose Rust decode calls are counted."""
+
+    def __init__(self, tok):
+        self.calls = 0
+        inner = tok._tokenizer
+
+        class Backend:
+            def decode(_, ids, skip):
+                self.calls += 1
+                return inner.decode(ids, skip)
+        self._tokenizer = Backend()
+
+
+@pytest.mark.parametrize("stops", [(), ("zzz",)])
+def test_a_stream_detokenizes_once_per_response_unless_it_has_stop_strings(stops):
+    """stream_interval 8, 64 tokens: without stop strings the text is decoded when a response goes
+    out (two tokenizer calls each), not per token; with stop strings every token is checked. The
+    text is the same either way."""
+    tok = byte_level()
+    ids = words(tok, " ".join(["hello world the"] * 22))[:64]
+    counting = CountingTokenizer(tok)
+    stream, sent = TextStream(counting, stops, 8), []
+    for t in ids:
+        assert not stream.push(t, check_stops=True)
+        if (text := stream.take()) is not None:
+            sent.append(text)
+    sent.append(stream.rest(flush=True))
+    assert "".join(sent) == tok.decode(ids, skip_special_tokens=True)
+    # Responses: the first token's, one per 8 tokens after it (7 of them), the final one.
+    assert len(sent) == 9 and sent[-1]  # the last 7 tokens in the final response
+    # Two decodes per detokenization (the window, then the text before the next window), plus the
+    # final flush: per token 2 * 64 + 1; without stop strings once per response, 2 * 9 + 1.
+    assert counting.calls == (2 * 64 + 1 if stops else 2 * 9 + 1)
