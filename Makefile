@@ -59,7 +59,7 @@ bench-ready: setup ## server start-up, empty vs warm compile cache: 8B LLM and t
 	$(PY) -m bench.ready_time $(or $(BENCH_ARGS),--llm llama-3.1-8b --encoder --starts 3)
 
 bench-host: setup ## the engine thread's host work per decode step, device work replaced by no-ops (any CPU, ~1 min)
-	$(PY) -m bench.host_work --concurrency 1 8 64 --stream-interval 8 --repeats 7 --out results/cpu/host_work.json
+	$(PY) -m bench.host_work --concurrency 1 8 64 --repeats 7 --out results/cpu/host_work.json
 
 bench-report: ## results/gpu JSON -> report.md + PNG plots (no GPU needed)
 	bash bench/make_report.sh

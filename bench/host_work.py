@@ -7,7 +7,7 @@ real text); prefill steps run the tiny model eagerly and are not counted. What i
 step is the Python work the engine thread does around a real GPU step (issue target: <= 0.3 ms at 64
 streams). CUDA launch and pinned-copy costs are not in it.
 
-    python -m bench.host_work --concurrency 1 64 --stream-interval 8 --out results/cpu/host_work.json
+    python -m bench.host_work --concurrency 1 64 --out results/cpu/host_work.json
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench.machine import cpu_name
+
+STREAM_INTERVAL = 8  # tokens per streamed response, as the GPU benchmarks run (--set stream_interval=8)
 
 
 def fake_graphs(engine) -> None:
@@ -67,8 +69,8 @@ def decode_host_ms(engine, concurrency: int, osl: int, requests: int) -> float:
     return 1e3 * decode_s[0] / max(1, decode_steps[0])
 
 
-def run(concurrency: list[int], osl: int = 256, repeats: int = 3, stream_interval: int = 8) -> dict:
-    """stream_interval: streamed responses every that many tokens (8, as the GPU benchmarks run)."""
+def run(concurrency: list[int], osl: int = 256, repeats: int = 3,
+        stream_interval: int = STREAM_INTERVAL) -> dict:
     from bench.engine_inproc import random_engine
 
     out = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--osl", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--stream-interval", type=int, default=8, help="tokens per streamed response")
+    ap.add_argument("--stream-interval", type=int, default=STREAM_INTERVAL, help="tokens per streamed response")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     out = run(a.concurrency, a.osl, a.repeats, a.stream_interval)

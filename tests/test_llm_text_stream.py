@@ -53,7 +53,7 @@ def detokenize(tok, ids: list[int], groups: random.Random | None = None) -> tupl
     without stop strings does between responses."""
     d = Detokenizer(tok)
     if groups is None:
-        pieces = [d(t) for t in ids]
+        pieces = [d.extend((t,)) for t in ids]
     else:
         pieces, i = [], 0
         while i < len(ids):

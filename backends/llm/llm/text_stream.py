@@ -31,9 +31,9 @@ MAX_PENDING_REPLACEMENTS = 3
 
 
 class Detokenizer:
-    """Incremental detokenization: the new text of each token, so that the pieces plus flush() equal
-    tokenizer.decode(all ids, skip_special_tokens=True). Each token decodes the window of ids since
-    the last complete text (one Rust call with a fast tokenizer). Only what may still change is held
+    """Incremental detokenization: the new text of each group of tokens, so that the pieces plus
+    flush() equal tokenizer.decode(all ids, skip_special_tokens=True). Each group decodes the window
+    of ids since the last complete text (one Rust call with a fast tokenizer). Only what may still change is held
     back: at most MAX_PENDING_REPLACEMENTS trailing U+FFFD. (Holding back all text while it ends in
     U+FFFD, as tokenizers' DecodeStream does, withholds every later token's text for good once a
     model emits a run of invalid UTF-8 bytes: seen with random weights, a whole request's text
@@ -49,11 +49,8 @@ class Detokenizer:
         self.before = ""
         self.partial = 0  # chars of the window's text after `before` returned already (before U+FFFD)
 
-    def __call__(self, token_id: int) -> str:
-        return self.extend((token_id,))
-
     def extend(self, token_ids) -> str:
-        """The new text of several tokens at once (one window decode for all of them)."""
+        """The new text of one or more tokens (one window decode for all of them)."""
         ids = self.ids
         ids.extend(token_ids)
         new = self.decode(ids[self.prefix :], True)[len(self.before) + self.partial :]
