@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -82,10 +83,40 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def _unused_port(host: str) -> int:
+    """The port the kernel picks for a bind to port 0, released again at once."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now and never returned before by this process. The socket is closed
+    before anything binds the port, so the kernel may pick the same one on the next call: CI once got
+    Triton's HTTP and gRPC ports equal from two calls in a row."""
+    with _handed_out_lock:
+        for _ in range(100):
+            port = _unused_port(host)
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise SetupError(f"no free port on {host} that this process has not handed out already")
+
+
+def duplicate_ports(named: dict[str, int]) -> list[str]:
+    """'--a and --b are both N' for every port given twice in `named` (flag -> port)."""
+    first: dict[int, str] = {}
+    clashes = []
+    for flag, port in named.items():
+        if port in first:
+            clashes.append(f"{first[port]} and {flag} are both {port}")
+        else:
+            first[port] = flag
+    return clashes
 
 
 def server_args(o: ServerOptions, backends: Path, token: str, shm_prefix: str) -> list[str]:
@@ -186,6 +217,10 @@ class TritonServer(Started):
         env = environment.server_env(o.model_env)
         model_python = environment.check_model_python(env)
         env = environment.with_libpython(env, model_python)
+        clashes = duplicate_ports({"--triton-http-port": o.http_port, "--grpc-port": o.grpc_port,
+                                   "--metrics-port": o.metrics_port})
+        if clashes:
+            raise SetupError(f"each port must differ: {'; '.join(clashes)}")
         taken = [p for p in (o.http_port, o.grpc_port, o.metrics_port) if not port_is_free(o.host, p)]
         if taken:
             raise SetupError(

@@ -17,7 +17,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serve import environment
-from serve.launcher import ADMIN_HEADER, SetupError, TritonServer, free_port
+from gateway.settings import GatewaySettings
+from serve import launcher
+from serve.launcher import ADMIN_HEADER, ServerOptions, SetupError, TritonServer, free_port
+from serve.stack import ServingStack
 from serve.paths import REPO_ROOT
 from serve.repository import check_repository
 from tests.server_fixtures import server_options, write_add_one_model
@@ -124,6 +127,28 @@ def test_refuses_busy_port(tmp_path):
         opts.grpc_port = port
         with pytest.raises(SetupError, match=rf"port\(s\) \[{port}\] on 127.0.0.1 already in use"):
             TritonServer(opts).start()
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel may pick the same port for two binds in a row (CI once got Triton's HTTP and gRPC
+    ports equal): free_port skips a port it already returned."""
+    picks = iter([1, 1, 1, 2])  # ports no test binds
+    monkeypatch.setattr(launcher, "_unused_port", lambda host: next(picks))
+    monkeypatch.setattr(launcher, "_handed_out", set())
+    assert [free_port(), free_port()] == [1, 2]
+
+
+def test_refuses_equal_ports_naming_the_flags(tmp_path):
+    write_add_one_model(tmp_path)
+    port = free_port()
+    opts = ServerOptions(model_repository=tmp_path, http_port=port, grpc_port=free_port(), metrics_port=port)
+    with pytest.raises(SetupError, match=rf"each port must differ: --triton-http-port and --metrics-port are both {port}$"):
+        TritonServer(opts).start()
+    opts = server_options(tmp_path)
+    stack = ServingStack(opts, GatewaySettings(port=opts.grpc_port))  # the gateway on Triton's gRPC port
+    with pytest.raises(SetupError, match=rf"each port must differ: --http-port and --grpc-port are both {opts.grpc_port}$"):
+        stack.start()
+    assert stack.server.process is None  # refused before anything started
 
 
 def test_refuses_missing_artifacts_and_names_the_export_command(tmp_path):
