@@ -665,6 +665,24 @@ def test_prefix_cache_hits_and_outputs_identical(checkpoint, long_reference):
     assert uncached.scheduler.prefix_hit == 0
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_every_full_computed_block_is_registered_after_each_step(checkpoint, overlap):
+    # Registration is tried only where a block can have filled (a token computed or appended at a
+    # block boundary, or a prefill chunk): after every step no running sequence has a full, computed,
+    # known block left unregistered. With overlap a token is computed before it is appended; without,
+    # after: both orders are covered.
+    e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=16, block_size=4, overlap=overlap)
+    for p in ["Hello", "What is machine learning? " * 3, "Count to ten"]:
+        e.submit(e.make_request(p, SamplingParams(max_tokens=30, ignore_eos=True), lambda o: None))
+    checked = 0
+    while e.has_work:
+        e.step()
+        for q in e.running:
+            assert q.num_registered == min(q.num_computed, len(q.tokens)) // 4, (q.num_computed, len(q.tokens))
+            checked += q.num_registered
+    assert checked > 100
+
+
 def test_shared_system_prompt_is_prefilled_once(checkpoint):
     system = "You are a helpful assistant. Answer briefly and exactly. " * 3
     e = make_engine(checkpoint, max_seqs=4, max_context=256, step_token_budget=512)

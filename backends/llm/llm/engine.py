@@ -305,7 +305,7 @@ class Engine:
                             (seq.admitted_at or now) - seq.queued_at, now - (seq.admitted_at or now),
                             seq.prompt_len, len(self.running), len(self.waiting))
         seq.tokens.append(tok)
-        self.scheduler.register_full_blocks(seq)
+        self.scheduler.appended(seq)
         p = seq.params
         n_out = len(seq.tokens) - seq.prompt_len  # not seq.num_out: the next token may be in flight
         if tok in self.eos_ids and not p.ignore_eos:

@@ -109,19 +109,24 @@ class Scheduler:
         budget = self.s.step_token_budget
         chunks: list[Chunk] = []
         scheduled: set[int] = set()
-        # Decoding sequences first (one token each), then those still prefilling.
-        order = sorted(self.running, key=lambda q: q.num_known - q.num_computed != 1)
+        # Decoding sequences first (one token each), then those still prefilling, each in running
+        # order. This loop runs for every sequence in every step: num_known and num_out are inlined.
+        decoding, prefilling = [], []
+        for q in self.running:
+            (decoding if len(q.tokens) + q.in_flight - q.num_computed == 1 else prefilling).append(q)
         self._evicted = set()
-        for seq in order:
+        bs = self.bs
+        for seq in decoding + prefilling:
             if budget <= 0:
                 break
             if id(seq) in self._evicted:
                 continue
-            known, start = seq.num_known, seq.num_computed
-            if seq.in_flight and (seq.num_out >= seq.params.max_tokens or known >= self.max_context):
+            known, start = len(seq.tokens) + seq.in_flight, seq.num_computed
+            if seq.in_flight and (known - seq.prompt_len >= seq.params.max_tokens or known >= self.max_context):
                 continue  # it finishes when its in-flight token is processed
             n = min(known - start, budget)
-            if n > 0 and self._reserve(seq, start + n, scheduled):
+            # Most steps need no new block: the sequence's last block has room for its n tokens.
+            if n > 0 and (start + n <= len(seq.blocks) * bs or self._reserve(seq, start + n, scheduled)):
                 chunks.append(Chunk(seq, start, n, start + n == known))
                 scheduled.add(id(seq))
                 budget -= n
@@ -183,13 +188,21 @@ class Scheduler:
         row i of the step's sampled tokens."""
         for c in chunks:
             c.seq.num_computed = c.start + c.n
-            self.register_full_blocks(c.seq)
+            # One more computed token fills a block only at a block boundary (per token: cheap test first).
+            if c.n > 1 or c.seq.num_computed % self.bs == 0:
+                self.register_full_blocks(c.seq)
         for row, c in enumerate(sampled):
             c.seq.in_flight += 1
             c.seq.flight_row = row
 
+    def appended(self, seq: Sequence) -> None:
+        """The engine appended one sampled token to seq.tokens."""
+        if len(seq.tokens) % self.bs == 0:  # one more known token fills a block only at a block boundary
+            self.register_full_blocks(seq)
+
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Register every full, computed block whose tokens are known on the host."""
+        """Register every full, computed block whose tokens are known on the host. Called whenever
+        min(num_computed, len(tokens)) may have crossed a block boundary, so nothing registrable waits."""
         if seq.done:
             return
         limit = min(seq.num_computed, len(seq.tokens)) // self.bs
