@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+import timeit
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,6 +70,15 @@ def decode_host_ms(engine, concurrency: int, osl: int, requests: int) -> float:
     return 1e3 * decode_s[0] / max(1, decode_steps[0])
 
 
+def argmax_ms(rows: int, vocab: int, number: int = 100, repeats: int = 7) -> float:
+    """The sampler's greedy argmax over [rows, vocab] logits: part of host_ms_per_decode_step here, a
+    kernel launch on a GPU (the no-op replays leave the logits on the CPU)."""
+    import torch
+
+    logits = torch.zeros(rows, vocab)
+    return 1e3 * statistics.median(timeit.repeat(lambda: logits.argmax(dim=-1), number=number, repeat=repeats)) / number
+
+
 def run(concurrency: list[int], osl: int = 256, repeats: int = 3,
         stream_interval: int = STREAM_INTERVAL) -> dict:
     from bench.engine_inproc import random_engine
@@ -85,7 +95,8 @@ def run(concurrency: list[int], osl: int = 256, repeats: int = 3,
             ms = [decode_host_ms(engine, c, osl, 2 * c) for _ in range(repeats)]
         finally:
             engine.stop()
-        level = {"concurrency": c, "host_ms_per_decode_step": statistics.median(ms), "repeats_ms": ms}
+        level = {"concurrency": c, "host_ms_per_decode_step": statistics.median(ms), "repeats_ms": ms,
+                 "argmax_ms": argmax_ms(c, engine.runner.vocab_size)}
         print(json.dumps(level), flush=True)
         out["levels"].append(level)
     return out

@@ -94,4 +94,5 @@ def test_host_work_bench_times_decode_steps_through_the_graph_path():
     out = run([2], osl=8, repeats=1)
     (level,) = out["levels"]
     assert level["concurrency"] == 2 and 0 < level["host_ms_per_decode_step"] < 100
+    assert 0 < level["argmax_ms"] < level["host_ms_per_decode_step"]  # the sampler's argmax is part of it
     assert out["stream_interval"] == 8  # as the GPU benchmarks stream
