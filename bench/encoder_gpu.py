@@ -100,7 +100,8 @@ def client_load(url: str, model: str, seq_len: int, batch: int, concurrency: int
 def run(levels=DEFAULT_LEVELS, random_weights: bool = False, log_dir: Path | None = None, compile: bool = False) -> dict:
     import torch
 
-    from serve.launcher import ADMIN_GRPC_HEADER, ServerOptions, TritonServer, free_port
+    from serve.launcher import ADMIN_GRPC_HEADER, ServerOptions, TritonServer
+    from serve.ports import free_port
 
     out = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "levels": [],
            "model": "MiniLM-L6 (all-MiniLM-L6-v2 architecture), torch fp16 + CUDA graphs, Python-based backend"}

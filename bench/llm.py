@@ -137,7 +137,8 @@ def serve_and_measure(shape: str, repo: Path, device: str, workloads, concurrenc
 
     from export import llm as export_llm
     from llm.settings import EngineSettings
-    from serve.launcher import ServerOptions, TritonServer, free_port
+    from serve.launcher import ServerOptions, TritonServer
+    from serve.ports import free_port
 
     name = shape.replace(".", "_").replace("-", "_")
     t0 = time.perf_counter()

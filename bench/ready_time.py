@@ -22,7 +22,8 @@ from unittest import mock
 
 from serve import environment
 from serve.doctor import dir_mib
-from serve.launcher import ServerOptions, TritonServer, free_port
+from serve.launcher import ServerOptions, TritonServer
+from serve.ports import free_port
 
 
 def timed_starts(repo: Path, starts: int, cache: Path, probe, log_dir: Path) -> list[dict]:

@@ -70,7 +70,8 @@ def run(workdir: Path, gpu: bool = True) -> dict:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from serve.launcher import ServerOptions, TritonServer, free_port
+    from serve.launcher import ServerOptions, TritonServer
+    from serve.ports import free_port
 
     repo = write_repo(workdir / "repo", gpu)
     opts = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(),

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from export import pbtxt, placement
 from serve import environment, paths
-from serve.launcher import ServerOptions, port_is_free
+from serve.launcher import ServerOptions
+from serve.ports import port_is_free
 from serve.repository import check_repository, model_dirs
 
 

@@ -14,10 +14,8 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from pathlib import Path
 
 from serve import environment, paths
 from serve.environment import SetupError
+from serve.ports import duplicate_ports, port_is_free
 from serve.repository import check_repository
 
 # APIs only operators need; inference, health, metadata and model-config stay open.
@@ -72,51 +71,6 @@ class ServerOptions:
     log_file: Path | None = None  # None: build/logs/tritonserver-<http_port>.log
     model_env: Path | None = None  # venv whose python3 the stub embeds; None: the launcher's own
     extra_args: list[str] = field(default_factory=list)
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _unused_port(host: str) -> int:
-    """The port the kernel picks for a bind to port 0, released again at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-_handed_out: set[int] = set()
-_handed_out_lock = threading.Lock()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now and never returned before by this process. The socket is closed
-    before anything binds the port, so the kernel may pick the same one on the next call: CI once got
-    Triton's HTTP and gRPC ports equal from two calls in a row."""
-    with _handed_out_lock:
-        for _ in range(100):
-            port = _unused_port(host)
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
-    raise SetupError(f"no free port on {host} that this process has not handed out already")
-
-
-def duplicate_ports(named: dict[str, int]) -> list[str]:
-    """'--a and --b are both N' for every port given twice in `named` (flag -> port)."""
-    first: dict[int, str] = {}
-    clashes = []
-    for flag, port in named.items():
-        if port in first:
-            clashes.append(f"{first[port]} and {flag} are both {port}")
-        else:
-            first[port] = flag
-    return clashes
 
 
 def server_args(o: ServerOptions, backends: Path, token: str, shm_prefix: str) -> list[str]:

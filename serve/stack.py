@@ -26,8 +26,8 @@ from gateway import settings as gateway_settings
 from gateway.settings import GatewaySettings
 from serve import paths
 from serve.environment import SetupError
-from serve.launcher import (ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, duplicate_ports, log_tail,
-                            port_is_free)
+from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, log_tail
+from serve.ports import duplicate_ports, port_is_free
 
 # Gateway settings the stack wires from the server's options (never taken from flags here).
 WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")

@@ -11,7 +11,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export import pbtxt
 from export.specs import Tensor
 from gateway.settings import GatewaySettings
-from serve.launcher import ServerOptions, TritonServer, free_port
+from serve.launcher import ServerOptions, TritonServer
+from serve.ports import free_port
 from serve.paths import MODEL_REPOSITORY
 from serve.stack import GatewayProcess, ServingStack
 

@@ -61,7 +61,7 @@ def test_cli_exits_nonzero_with_server_message(embedding_server):
 
 
 def test_cli_exits_nonzero_when_server_unreachable():
-    from serve.launcher import free_port
+    from serve.ports import free_port
 
     p = cli("clients.embed", "-i", "http", "-u", f"127.0.0.1:{free_port()}", "hello")
     assert p.returncode == 1 and "error:" in p.stderr

@@ -18,7 +18,8 @@ import pytest
 
 from serve import container, environment
 from serve.container import ANY, LOOPBACK, ContainerConfig, passthrough, triton_argv
-from serve.launcher import ADMIN_HEADER, ServerOptions, free_port, server_args
+from serve.launcher import ADMIN_HEADER, ServerOptions, server_args
+from serve.ports import free_port
 from serve.paths import REPO_ROOT
 from tests.server_fixtures import write_add_one_model
 

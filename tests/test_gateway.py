@@ -260,7 +260,7 @@ def test_too_many_generations_are_429_with_retry_after(strict):
 
 def test_not_ready_is_503(tmp_path):
     """A gateway whose Triton is not there answers 503 on its probe and its routes."""
-    from serve.launcher import free_port
+    from serve.ports import free_port
 
     s = GatewaySettings(port=free_port(), triton_grpc_url=f"127.0.0.1:{free_port()}",
                         triton_http_url=f"127.0.0.1:{free_port()}", admin_token="x")

@@ -18,8 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from serve import environment
 from gateway.settings import GatewaySettings
-from serve import launcher
-from serve.launcher import ADMIN_HEADER, ServerOptions, SetupError, TritonServer, free_port
+from serve import ports
+from serve.launcher import ADMIN_HEADER, ServerOptions, SetupError, TritonServer
+from serve.ports import free_port
 from serve.stack import ServingStack
 from serve.paths import REPO_ROOT
 from serve.repository import check_repository
@@ -133,8 +134,8 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch):
     """The kernel may pick the same port for two binds in a row (CI once got Triton's HTTP and gRPC
     ports equal): free_port skips a port it already returned."""
     picks = iter([1, 1, 1, 2])  # ports no test binds
-    monkeypatch.setattr(launcher, "_unused_port", lambda host: next(picks))
-    monkeypatch.setattr(launcher, "_handed_out", set())
+    monkeypatch.setattr(ports, "_unused_port", lambda host: next(picks))
+    monkeypatch.setattr(ports, "_handed_out", set())
     assert [free_port(), free_port()] == [1, 2]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.launcher import free_port
+from serve.ports import free_port
 from serve.paths import MODEL_REPOSITORY, REPO_ROOT
 from tests.embedding_models import link_repo
 from tests.server_fixtures import server_options, write_add_one_model
