@@ -162,7 +162,8 @@ def per_token_gaps(stamps: list[list[float]], cum: list[list[int]]) -> list[floa
             for _ in range(cb - ca) if cb > ca]
 
 
-def _run(engine, requests: list[tuple[list[int], int]], concurrency: int, timeout_s: float = 900.0) -> list[dict]:
+def _run(engine, requests: list[tuple[list[int], int]], concurrency: int, timeout_s: float = 900.0,
+         temperature: float = 0.0) -> list[dict]:
     """Closed loop: `concurrency` requests in flight, each finished one replaced at once. The engine's
     background thread must be running. -> per request {t0, stamps, cum, error}."""
     from llm.engine import Request
@@ -189,7 +190,8 @@ def _run(engine, requests: list[tuple[list[int], int]], concurrency: int, timeou
                 if j < n:
                     submit(j)
 
-        req = Request(ids, SamplingParams(max_tokens=osl, min_tokens=osl, ignore_eos=True), emit, arrival=r["t0"])
+        params = SamplingParams(max_tokens=osl, min_tokens=osl, ignore_eos=True, temperature=temperature)
+        req = Request(ids, params, emit, arrival=r["t0"])
         req.bounded = False
         engine.submit(req)
 
@@ -201,8 +203,10 @@ def _run(engine, requests: list[tuple[list[int], int]], concurrency: int, timeou
     return out
 
 
-def closed_loop(engine, workload, concurrency: int, n_requests: int | None = None, seed: int = 0) -> dict:
-    """One level: a warm-up wave of `concurrency` requests, then n_requests (default 4 x concurrency)."""
+def closed_loop(engine, workload, concurrency: int, n_requests: int | None = None, seed: int = 0,
+                temperature: float = 0.0) -> dict:
+    """One level: a warm-up wave of `concurrency` requests, then n_requests (default 4 x concurrency);
+    greedy, or unseeded sampling at `temperature`."""
     import torch
 
     n = n_requests or requests_for(concurrency)
@@ -211,9 +215,9 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
     # Prompts longer than the model's context leave room for their output (only the tiny CPU model).
     reqs = [(torch.randint(10, vocab, (min(isl, engine.max_context - osl - 1),), generator=g).tolist(), osl)
             for isl, osl in lengths(workload, n + concurrency)]
-    _run(engine, reqs[:concurrency], concurrency)  # warm-up wave (not measured)
+    _run(engine, reqs[:concurrency], concurrency, temperature=temperature)  # warm-up wave (not measured)
     st0 = engine.stats()
-    rs = _run(engine, reqs[concurrency:], concurrency)
+    rs = _run(engine, reqs[concurrency:], concurrency, temperature=temperature)
     st1 = engine.stats()
     assert all(r["error"] is None for r in rs), [r["error"] for r in rs if r["error"]][:3]
     start, end = min(r["t0"] for r in rs), max(r["stamps"][-1] for r in rs)

@@ -50,7 +50,7 @@ def fake_graphs(engine) -> None:
     r._graph = graph
 
 
-def decode_host_ms(engine, concurrency: int, osl: int, requests: int) -> float:
+def decode_host_ms(engine, concurrency: int, osl: int, requests: int, temperature: float = 0.0) -> float:
     """Host ms per decode-only step over a closed loop (prefill steps excluded)."""
     from bench.engine_inproc import closed_loop
 
@@ -65,7 +65,7 @@ def decode_host_ms(engine, concurrency: int, osl: int, requests: int) -> float:
             decode_s[0] += time.perf_counter() - t0
             decode_steps[0] += 1
     engine.step = timed_step
-    closed_loop(engine, (16, osl), concurrency, requests)
+    closed_loop(engine, (16, osl), concurrency, requests, temperature=temperature)
     engine.step = step
     return 1e3 * decode_s[0] / max(1, decode_steps[0])
 
@@ -80,19 +80,20 @@ def argmax_ms(rows: int, vocab: int, number: int = 100, repeats: int = 7) -> flo
 
 
 def run(concurrency: list[int], osl: int = 256, repeats: int = 3,
-        stream_interval: int = STREAM_INTERVAL) -> dict:
+        stream_interval: int = STREAM_INTERVAL, temperature: float = 0.0) -> dict:
     from bench.engine_inproc import random_engine
 
     out = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-           "osl": osl, "repeats": repeats, "stream_interval": stream_interval, "levels": []}
+           "osl": osl, "repeats": repeats, "stream_interval": stream_interval, "temperature": temperature,
+           "levels": []}
     for c in concurrency:
         engine = random_engine("tiny", "cpu", max_seqs=max(concurrency), max_context=512, cpu_threads=1,
                                stream_interval=stream_interval)
         fake_graphs(engine)
         engine.start()
         try:
-            decode_host_ms(engine, c, 32, c)  # warm-up
-            ms = [decode_host_ms(engine, c, osl, 2 * c) for _ in range(repeats)]
+            decode_host_ms(engine, c, 32, c, temperature)  # warm-up
+            ms = [decode_host_ms(engine, c, osl, 2 * c, temperature) for _ in range(repeats)]
         finally:
             engine.stop()
         level = {"concurrency": c, "host_ms_per_decode_step": statistics.median(ms), "repeats_ms": ms,
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--osl", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stream-interval", type=int, default=STREAM_INTERVAL, help="tokens per streamed response")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else unseeded sampling")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
-    out = run(a.concurrency, a.osl, a.repeats, a.stream_interval)
+    out = run(a.concurrency, a.osl, a.repeats, a.stream_interval, a.temperature)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(out, indent=1))

@@ -235,7 +235,8 @@ class Engine:
         seq = Sequence(req)
         seq.stream = TextStream(self.tokenizer, req.params.stop, self.settings.stream_interval if req.stream else 1 << 30,
                                 req.prefix_text)
-        seq.generator = None if req.params.greedy else make_generator(req.params.seed, self.device)
+        p = req.params
+        seq.generator = None if p.greedy or p.seed is None else make_generator(p.seed, self.device)
         if not self.scheduler.add(seq):
             self._finish(seq, OVERLOADED, error=f"overloaded: {self.settings.waiting_limit} requests already wait "
                                                 "to be scheduled (max_waiting); retry later")

@@ -1,8 +1,9 @@
 """Per-request sampling on a batch of logits: greedy, temperature, top-k, top-p, seeded.
 
-Filtering (temperature/top-k/top-p) is vectorised over the batch; the random draw of each sampled
-row uses that request's own torch.Generator (exponential race: argmax(p / q), q ~ Exp(1)), so a
-seeded request gives the same tokens whatever else is in the batch.
+Filtering (temperature/top-k/top-p) is vectorised over the batch, and only rows with top-k or top-p
+are sorted. The random draw is an exponential race (argmax(p / q), q ~ Exp(1)): a seeded request
+draws q from its own torch.Generator, so it gives the same tokens whatever else is in the batch;
+unseeded rows share one draw from torch's default generator (one op per step, not one per row).
 """
 from __future__ import annotations
 
@@ -47,17 +48,16 @@ def validate(p: SamplingParams, max_tokens_cap: int) -> None:
         raise ValueError("stop_words must not contain empty strings")
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The random stream of a seeded request (unseeded ones share torch's default generator)."""
     g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed % 2**63)  # manual_seed takes a signed 64-bit value
+    g.manual_seed(seed % 2**63)  # manual_seed takes a signed 64-bit value
     return g
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits: [B, V] fp32 -> next tokens [B] int64 (on logits.device)."""
+    """logits: [B, V] fp32 -> next tokens [B] int64 (on logits.device). generators[i]: row i's own
+    generator (a seeded request) or None (drawn from torch's default generator)."""
     B, V = logits.shape
     assert len(params) == B == len(generators), f"{B} rows, {len(params)} params"
     tokens = logits.argmax(dim=-1)
@@ -67,18 +67,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     dev = logits.device
     idx = to_device(rows, dev)
     x = logits[idx] / to_device([params[i].temperature for i in rows], dev, torch.float32)[:, None]
-    top_k = to_device([min(params[i].top_k or V, V) for i in rows], dev)
-    top_p = to_device([params[i].top_p for i in rows], dev, torch.float32)
-    sorted_x, order = x.sort(dim=-1, descending=True)
-    rank = torch.arange(V, device=dev)[None]
-    probs = sorted_x.softmax(dim=-1)
-    # Keep a token if it is within top-k and the mass before it is < top_p (the top token always stays).
-    keep = (rank < top_k[:, None]) & ((probs.cumsum(dim=-1) - probs) < top_p[:, None])
-    sorted_x = sorted_x.masked_fill(~keep, float("-inf"))
-    probs = sorted_x.softmax(dim=-1)  # [R, V] renormalised over kept tokens, in sorted order
-    q = torch.empty_like(probs)
+    # Exp(1) noise per sampled row: one draw for all unseeded rows, one per seeded row (its own
+    # stream, so a seeded request gives the same tokens whatever else is in the batch).
+    q = torch.empty_like(x).exponential_()
     for j, i in enumerate(rows):
-        q[j].exponential_(generator=generators[i])
-    choice = (probs / q).argmax(dim=-1)  # [R] index into sorted order
-    tokens[idx] = order.gather(1, choice[:, None])[:, 0]
+        if generators[i] is not None:
+            q[j].exponential_(generator=generators[i])
+    # Exponential race: argmax(p / q) is a draw from p. Rows with top-k or top-p race over their
+    # kept tokens in sorted order; the others over the whole vocabulary, without a sort.
+    choice = (x.softmax(dim=-1) / q).argmax(dim=-1)  # [R] token ids
+    cut = [j for j, i in enumerate(rows) if 0 < params[i].top_k < V or params[i].top_p < 1.0]
+    if cut:
+        ci = to_device(cut, dev)
+        top_k = to_device([params[rows[j]].top_k or V for j in cut], dev)
+        top_p = to_device([params[rows[j]].top_p for j in cut], dev, torch.float32)
+        sorted_x, order = x[ci].sort(dim=-1, descending=True)
+        rank = torch.arange(V, device=dev)[None]
+        probs = sorted_x.softmax(dim=-1)
+        # Keep a token if it is within top-k and the mass before it is < top_p (the top token always stays).
+        keep = (rank < top_k[:, None]) & ((probs.cumsum(dim=-1) - probs) < top_p[:, None])
+        probs = sorted_x.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # renormalised, sorted order
+        choice[ci] = order.gather(1, (probs / q[ci]).argmax(dim=-1)[:, None])[:, 0]
+    tokens[idx] = choice
     return tokens
