@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workload", nargs="*", default=[], help="closed-loop workloads: ISL:OSL or chat")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="closed loops: 0 greedy, else unseeded sampling")
     ap.add_argument("--idle-ttft", type=int, nargs="*", default=[], help="prompt lengths for idle TTFT")
     ap.add_argument("--host-profile", type=int, default=0, metavar="C",
                     help="also cProfile the engine thread over one closed loop of the first workload at C streams")
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         out["levels"] = []
         for w in map(parse_workload, args.workload):
             for c in args.concurrency:
-                r = closed_loop(engine, w, c, args.requests)
+                r = closed_loop(engine, w, c, args.requests, temperature=args.temperature)
+                r["temperature"] = args.temperature
                 print(json.dumps(r), flush=True)
                 out["levels"].append(r)
         if args.host_profile and args.workload:
