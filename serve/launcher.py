@@ -23,7 +23,7 @@ from pathlib import Path
 
 from serve import environment, paths
 from serve.environment import SetupError
-from serve.ports import duplicate_ports, port_is_free
+from serve.ports import port_is_free, refuse_equal_ports
 from serve.repository import check_repository
 
 # APIs only operators need; inference, health, metadata and model-config stay open.
@@ -171,10 +171,7 @@ class TritonServer(Started):
         env = environment.server_env(o.model_env)
         model_python = environment.check_model_python(env)
         env = environment.with_libpython(env, model_python)
-        clashes = duplicate_ports({"--triton-http-port": o.http_port, "--grpc-port": o.grpc_port,
-                                   "--metrics-port": o.metrics_port})
-        if clashes:
-            raise SetupError(f"each port must differ: {'; '.join(clashes)}")
+        refuse_equal_ports({"--triton-http-port": o.http_port, "--grpc-port": o.grpc_port, "--metrics-port": o.metrics_port})
         taken = [p for p in (o.http_port, o.grpc_port, o.metrics_port) if not port_is_free(o.host, p)]
         if taken:
             raise SetupError(

@@ -40,6 +40,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise SetupError(f"no free port on {host} that this process has not handed out already")
 
 
+def refuse_equal_ports(named: dict[str, int]) -> None:
+    """SetupError naming the flags when two of `named`'s ports (flag -> port) are equal."""
+    clashes = duplicate_ports(named)
+    if clashes:
+        raise SetupError(f"each port must differ: {'; '.join(clashes)}")
+
+
 def duplicate_ports(named: dict[str, int]) -> list[str]:
     """'--a and --b are both N' for every port given twice in `named` (flag -> port)."""
     first: dict[int, str] = {}

@@ -27,7 +27,7 @@ from gateway.settings import GatewaySettings
 from serve import paths
 from serve.environment import SetupError
 from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, log_tail
-from serve.ports import duplicate_ports, port_is_free
+from serve.ports import port_is_free, refuse_equal_ports
 
 # Gateway settings the stack wires from the server's options (never taken from flags here).
 WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")
@@ -181,10 +181,8 @@ class ServingStack(Started):
     # ---- lifecycle
     def start(self) -> "ServingStack":
         o = self.server.options
-        clashes = duplicate_ports({"--http-port": self.gateway.settings.port, "--triton-http-port": o.http_port,
-                                   "--grpc-port": o.grpc_port, "--metrics-port": o.metrics_port})
-        if clashes:
-            raise SetupError(f"each port must differ: {'; '.join(clashes)}")
+        refuse_equal_ports({"--http-port": self.gateway.settings.port, "--triton-http-port": o.http_port,
+                            "--grpc-port": o.grpc_port, "--metrics-port": o.metrics_port})
         if not port_is_free(self.gateway.settings.host, self.gateway.settings.port):
             raise SetupError(f"port {self.gateway.settings.port} on {self.gateway.settings.host} (the gateway) is already in "
                              "use; stop what holds it or choose another with --http-port")
