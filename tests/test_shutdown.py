@@ -169,13 +169,16 @@ def test_stop_right_after_llm_requests_unloads_cleanly(tmp_path):
 
 
 def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(tmp_path):
-    """32 streams of 256 tokens in flight at SIGTERM (8,192 tokens: several seconds of this engine's
-    ~1,700 tokens/s), the gateway's shutdown_timeout_s set to 1.5 s. While it drains, a new request gets
-    503 + Retry-After with code shutting_down, and /health 503, instead of "connection refused"; every
-    stream ends with `data: [DONE]`, either complete or after a final error event (shutting_down), never
-    cut off; the whole stop stays within exit_timeout + 5 s and leaves nothing."""
+    """32 streams of 256 tokens in flight at SIGTERM, the gateway's shutdown_timeout_s set to 0.75 s.
+    The streams start staggered: at SIGTERM the first are nearly done and the last has about 255 tokens
+    to go, and a stream alone runs at about 250 tokens/s on this CPU, so 0.75 s cannot finish it. (With
+    1.5 s, once the early streams had finished, the last ones sometimes did too (a fresh-clone run), and the drain's
+    final error went untested.) While the gateway drains, a new request gets 503 +
+    Retry-After with code shutting_down, and /health 503, instead of "connection refused"; every stream
+    ends with `data: [DONE]`, either complete or after a final error event (shutting_down), never cut
+    off; the whole stop stays within exit_timeout + 5 s and leaves nothing."""
     repo = link_repo(tmp_path / "repo", [MODEL_REPOSITORY / "tiny_llama"])
-    with launched(repo, env={"GATEWAY_SHUTDOWN_TIMEOUT_S": "1.5", "GATEWAY_DRAIN_S": "1.5"}) as (proc, url, prefix):
+    with launched(repo, env={"GATEWAY_SHUTDOWN_TIMEOUT_S": "0.75", "GATEWAY_DRAIN_S": "0.75"}) as (proc, url, prefix):
         wait_ready(proc, url)
         body = {"model": "tiny_llama", "prompt": "Hello", "max_tokens": 256, "ignore_eos": True, "stream": True}
         started = [threading.Event() for _ in range(32)]
@@ -202,9 +205,11 @@ def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(t
             assert s.wait(60)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             stop = pool.submit(stop_and_check, proc, prefix, "with 32 streams in flight", EXIT_TIMEOUT_S + 5)
-            time.sleep(0.5)  # the launcher has passed SIGTERM on; the gateway drains for >= 1.5 s
+            deadline = time.monotonic() + 5  # until the launcher has passed SIGTERM on to the gateway
+            while (health := httpx.get(f"{url}/health", timeout=10)).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            # The gateway drains (streams still in flight keep its listener open): a new request now.
             r = httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=10)
-            health = httpx.get(f"{url}/health", timeout=10)
             took = stop.result()
         assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
         assert r.json()["error"]["code"] == "shutting_down"
@@ -222,7 +227,7 @@ def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(t
                 ended += 1
             else:
                 assert last["choices"][0]["finish_reason"] == "length", last
-        assert ended > 0, "no stream was still running 1.5 s after SIGTERM: the drain's final error is untested"
+        assert ended > 0, "no stream was still running 0.75 s after SIGTERM: the drain's final error is untested"
         print(f"stop took {took:.1f} s; {ended} of 32 streams ended with the final error")
 
 
