@@ -172,8 +172,8 @@ def test_sigterm_drains_new_requests_get_503_and_streams_in_flight_end_cleanly(t
     """32 streams of 256 tokens in flight at SIGTERM, the gateway's shutdown_timeout_s set to 0.75 s.
     The streams start staggered: at SIGTERM the first are nearly done and the last has about 255 tokens
     to go, and a stream alone runs at about 250 tokens/s on this CPU, so 0.75 s cannot finish it. (With
-    1.5 s, once the early streams had finished, the last ones sometimes did too (a fresh-clone run), and the drain's
-    final error went untested.) While the gateway drains, a new request gets 503 +
+    1.5 s, once the early streams had finished, the last ones sometimes did too, in a fresh-clone run,
+    and the drain's final error went untested.) While the gateway drains, a new request gets 503 +
     Retry-After with code shutting_down, and /health 503, instead of "connection refused"; every stream
     ends with `data: [DONE]`, either complete or after a final error event (shutting_down), never cut
     off; the whole stop stays within exit_timeout + 5 s and leaves nothing."""
