@@ -87,3 +87,14 @@ def test_unseeded_rows_cost_the_same_ops_at_any_batch_size(params):
 
     assert ops(64) == ops(8)
     assert sum("exponential" in op for op in ops(64)) == 1
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1, temperature=1.0), SamplingParams(1, temperature=1.0, top_p=0.99),
+                                    SamplingParams(1, temperature=100.0, top_k=3)])
+def test_a_masked_token_is_never_drawn(params):
+    """min_tokens masks EOS with -inf before sampling: such a token must never come out, cut or not."""
+    torch.manual_seed(2)
+    logits = torch.zeros(N, 4)
+    logits[:, 1] = float("-inf")
+    tokens = sample(logits, [params] * N, [None] * N)
+    assert 1 not in tokens.tolist() and len(set(tokens.tolist())) == 3
