@@ -227,7 +227,8 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
     assert tokens == sum(osl for _, osl in reqs[concurrency:]), "a request produced the wrong number of tokens"
     steps = st1.steps - st0.steps
     return {"engine": "ours-inproc", "workload": "chat" if workload == "chat" else f"{workload[0]}:{workload[1]}",
-            "concurrency": concurrency, "requests": n, "failed": 0, "output_tokens": tokens, "span_s": end - start,
+            "concurrency": concurrency, "temperature": temperature, "requests": n, "failed": 0, "output_tokens": tokens,
+            "span_s": end - start,
             "tokens_per_s": tokens / (end - start),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
@@ -373,7 +374,6 @@ def main(argv: list[str] | None = None) -> None:
         for w in map(parse_workload, args.workload):
             for c in args.concurrency:
                 r = closed_loop(engine, w, c, args.requests, temperature=args.temperature)
-                r["temperature"] = args.temperature
                 print(json.dumps(r), flush=True)
                 out["levels"].append(r)
         if args.host_profile and args.workload:

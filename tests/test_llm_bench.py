@@ -41,6 +41,7 @@ def test_closed_loop_generates_exactly_the_requested_tokens(engine, workload, te
     r = closed_loop(engine, workload, concurrency=3, n_requests=9, temperature=temperature)
     expected = sum(o for _, o in lengths(workload, 9 + 3)[3:])
     assert r["requests"] == 9 and r["output_tokens"] == expected and r["tokens_per_s"] > 0
+    assert r["temperature"] == temperature
     assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
     assert r["steps"] > 0 and r["host_ms_per_step"] > 0
 
