@@ -36,7 +36,7 @@ perf: setup ## perf_analyzer against a running server: make perf MODEL=minilm PE
 	$(PY) -m serve.perf -m $(MODEL) $(PERF_ARGS)
 
 test-llm: setup ## LLM engine + server tests only
-	$(PY) -m pytest -q tests/test_llm_engine.py tests/test_llm_attention.py tests/test_llm_compile.py tests/test_llm_server.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/test_llm_*.py $(PYTEST_ARGS)
 
 export-llm-gpu: setup ## random TinyLlama/Llama-3.1-8B-shaped LLMs (run on the GPU host)
 	$(PY) -m export.llm --random-shape tinyllama-1.1b --device cuda --kind gpu --name tinyllama

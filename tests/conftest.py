@@ -1,7 +1,10 @@
 """Shared fixtures. `triton`: what `make serve` runs — tritonserver over the main model repository with
 the gateway in front (serve/stack.py), on free ports, for the whole session (started lazily, on the
 first test that asks); its `http_url` is the gateway's, `triton_http_url` Triton's own. `start_server(repo)`: a private server, as a context
-manager, for tests that need their own repository. `embedding_server`: the embedding models only."""
+manager, for tests that need their own repository. `embedding_server`: the embedding models only.
+`checkpoint`: the tiny random-weight Llama, and `reference`: transformers' greedy output for
+tests/llm_helpers.PROMPTS, once per session for the in-process LLM tests (tests/test_llm_server.py has
+its own `reference`, of the served model)."""
 from __future__ import annotations
 
 import pytest
@@ -37,3 +40,28 @@ def strict(triton, tmp_path_factory):
     with start_gateway(triton, tmp_path_factory.mktemp("strict"), api_keys=("key-one", "key-two"),
                        max_concurrent_generations=1, body_timeout_s=1.0) as g:
         yield g
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    from export.random_llm import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("llm") / "checkpoint", "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """transformers greedy generate: generated ids and decoded text per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.llm_helpers import MAX_TOKENS, PROMPTS
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = {}
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")
+        gen = hf.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+        out[p] = (gen, tok.decode(gen, skip_special_tokens=True))
+    return out

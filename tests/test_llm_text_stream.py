@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llm.text_stream import MAX_PENDING_REPLACEMENTS, Detokenizer, TextStream
+from llm.text_stream import MAX_PENDING_REPLACEMENTS, Detokenizer, TextStream, held_back
 
 
 def byte_level():
@@ -165,3 +165,10 @@ def test_a_stream_detokenizes_once_per_response_unless_it_has_stop_strings(stops
     # Two decodes per detokenization (the window, then the text before the next window), plus the
     # final flush: per token 2 * 64 + 1; without stop strings once per response, 2 * 9 + 1.
     assert counting.calls == (2 * 64 + 1 if stops else 2 * 9 + 1)
+
+
+def test_held_back_prefix_of_stop_word():
+    assert held_back("abc", ("cde",)) == 1
+    assert held_back("abcd", ("cde", "bcdx")) == 3
+    assert held_back("abc", ("xyz",)) == 0
+    assert held_back("abc", ()) == 0
