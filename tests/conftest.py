@@ -52,16 +52,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(checkpoint):
     """transformers greedy generate: generated ids and decoded text per prompt."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.llm_helpers import MAX_TOKENS, PROMPTS, hf_greedy
 
-    from tests.llm_helpers import MAX_TOKENS, PROMPTS
-
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    out = {}
-    for p in PROMPTS:
-        ids = tok(p, return_tensors="pt")
-        gen = hf.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
-        out[p] = (gen, tok.decode(gen, skip_special_tokens=True))
-    return out
+    return hf_greedy(checkpoint, PROMPTS, MAX_TOKENS)

@@ -24,6 +24,21 @@ def make_engine(checkpoint, **kw) -> Engine:
     return Engine(EngineSettings(checkpoint=str(checkpoint), cpu_threads=1, **kw))
 
 
+def hf_greedy(checkpoint, prompts, max_new_tokens: int, **generate_kw) -> dict[str, tuple[list[int], str]]:
+    """transformers' greedy generate from the checkpoint dir (fp32): prompt -> (generated ids, their text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = {}
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        gen = hf.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, **generate_kw)
+        gen = gen[0, ids["input_ids"].shape[1]:].tolist()
+        out[p] = (gen, tok.decode(gen, skip_special_tokens=True))
+    return out
+
+
 def emulate_decode_graphs(e: Engine) -> list[int]:
     """Decode steps take the runner's CUDA-graph path (`_decode_graph`: packed inputs, padding to a
     batch bucket, in-flight tokens read on the device) on CPU: each 'graph' replays the eager model

@@ -114,22 +114,16 @@ def test_triton_decode_matches_torch(dtype, splits):
 @pytest.mark.gpu
 @needs_triton
 def test_engine_on_gpu_matches_transformers_with_either_attention_eager_or_compiled(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from export.random_llm import write_random_checkpoint
     from llm.engine import Engine
     from llm.sampling import SamplingParams
     from llm.settings import EngineSettings
+    from tests.llm_helpers import hf_greedy
 
     ckpt = write_random_checkpoint(tmp_path / "ckpt", "tiny")
     prompts = ["Hello world", "What is machine learning? " * 12, "a", "Once upon a time " * 20]
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    reference = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt")
-        gen = hf.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:]
-        reference.append(tok.decode(gen, skip_special_tokens=True))
+    greedy = hf_greedy(ckpt, prompts, 24)
+    reference = [greedy[p][1] for p in prompts]
     from torch._dynamo.utils import counters
 
     # compile: the decode graphs replay torch.compile'd layers; mixed: mixed_prefill_graphs (mixed steps

@@ -4,11 +4,10 @@ output exact against transformers."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llm.kv_cache import BlockPool
 from llm.sampling import SamplingParams
-from tests.llm_helpers import emulate_decode_graphs, make_engine
+from tests.llm_helpers import emulate_decode_graphs, hf_greedy, make_engine
 
 
 def test_block_pool_refcounts_prefix_cache_and_lru_eviction():
@@ -50,16 +49,7 @@ def _long_prompts():
 
 @pytest.fixture(scope="module")
 def long_reference(checkpoint):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    out = {}
-    for p in _long_prompts():
-        ids = tok(p, return_tensors="pt")
-        gen = hf.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
-        out[p] = tok.decode(gen, skip_special_tokens=True)
-    return out
+    return {p: text for p, (_, text) in hf_greedy(checkpoint, _long_prompts(), 40).items()}
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
@@ -147,14 +137,9 @@ def test_long_prompt_is_mixed_with_running_decodes(checkpoint):
 
 
 def test_sequence_crossing_many_blocks_matches_transformers(checkpoint):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompt = "Hello world! " * 20
-    ids = tok(prompt, return_tensors="pt")
-    gen = hf.generate(**ids, max_new_tokens=150, do_sample=False, min_new_tokens=150)[0, ids["input_ids"].shape[1]:]
+    _, expected = hf_greedy(checkpoint, [prompt], 150, min_new_tokens=150)[prompt]
     e = make_engine(checkpoint, max_seqs=2, max_context=256, block_size=2, step_token_budget=8)
     r = e.generate([prompt], SamplingParams(max_tokens=150, min_tokens=150))[0]
     assert r["num_input_tokens"] + 150 > 100 * 2  # over a hundred blocks of 2 tokens
-    assert r["text"] == tok.decode(gen, skip_special_tokens=True)
+    assert r["text"] == expected

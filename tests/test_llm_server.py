@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from clients.llm_stream import _Stream, generate, generate_many, request_arrays
 from export.llm import export
@@ -45,17 +44,10 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server):
     """transformers greedy generate on the exported checkpoint: prompt -> (ids, text)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.llm_helpers import hf_greedy
 
     ckpt = server.options.model_repository / MODEL / "1" / "checkpoint"
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    out = {}
-    for p in set(PROMPTS + [f"request {i}: tell me about {i * 7} foxes" for i in range(32)]):
-        ids = tok(p, return_tensors="pt")
-        gen = hf.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
-        out[p] = (gen, tok.decode(gen, skip_special_tokens=True))
-    return out
+    return hf_greedy(ckpt, set(PROMPTS + [f"request {i}: tell me about {i * 7} foxes" for i in range(32)]), MAX_TOKENS)
 
 
 def run(server, prompt, **params):
