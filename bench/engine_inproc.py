@@ -237,32 +237,6 @@ def closed_loop(engine, workload, concurrency: int, n_requests: int | None = Non
             "preemptions": engine.scheduler.preemptions}
 
 
-def host_profile(engine, workload, concurrency: int, top: int = 30) -> dict:
-    """Where the engine thread's host time goes: one closed loop with cProfile around every step
-    (on the engine thread). The profiler inflates Python time ~2x: read the shares, not the sums."""
-    import cProfile
-    import io
-    import pstats
-
-    prof, step = cProfile.Profile(), engine.step
-
-    def profiled_step():
-        prof.enable()
-        try:
-            step()
-        finally:
-            prof.disable()
-    engine.step = profiled_step  # the loop calls self.step(): the instance attribute wins
-    try:
-        r = closed_loop(engine, workload, concurrency)
-    finally:
-        del engine.step
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    return {"concurrency": concurrency, "workload": r["workload"], "steps": r["steps"],
-            "profiled_host_ms_per_step": r["host_ms_per_step"], "table": text.getvalue()}
-
-
 def _idle_prompt(engine, isl: int, seed: int) -> list[int]:
     """Random prompt ids, seeded by length too: prompts of different lengths never share a prefix
     (no prefix-cache hits between idle requests)."""
@@ -347,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="closed loops: 0 greedy, else unseeded sampling")
     ap.add_argument("--idle-ttft", type=int, nargs="*", default=[], help="prompt lengths for idle TTFT")
     ap.add_argument("--host-profile", type=int, default=0, metavar="C",
-                    help="also cProfile the engine thread over one closed loop of the first workload at C streams")
+                    help="also time the engine thread's step phases, then cProfile it, over closed loops of the first "
+                         "workload at C streams (bench/host_work.py)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting (llm/settings.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -377,7 +352,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(r), flush=True)
                 out["levels"].append(r)
         if args.host_profile and args.workload:
-            out["host_profile"] = host_profile(engine, parse_workload(args.workload[0]), args.host_profile)
+            from bench.host_work import host_phases, host_profile
+
+            w = parse_workload(args.workload[0])
+            out["host_phases"] = host_phases(engine, w, args.host_profile)
+            print(json.dumps(out["host_phases"]), flush=True)
+            out["host_profile"] = host_profile(engine, w, args.host_profile)
             print(out["host_profile"]["table"], flush=True)
         out["idle_ttft"] = [idle_ttft(engine, isl) for isl in args.idle_ttft]
         for r in out["idle_ttft"]:

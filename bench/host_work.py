@@ -7,6 +7,11 @@ real text); prefill steps run the tiny model eagerly and are not counted. What i
 step is the Python work the engine thread does around a real GPU step (issue target: <= 0.3 ms at 64
 streams). CUDA launch and pinned-copy costs are not in it.
 
+Two diagnostics of any engine (here, and on a GPU through `bench.engine_inproc --host-profile C`):
+`host_phases` times the parts of every step (schedule, forward, sample, the rest of the launch,
+processing) per kind of step (decode only, or with a prompt chunk) without a profiler, and
+`host_profile` runs cProfile around every step (shares, not sums: it inflates Python ~2x).
+
     python -m bench.host_work --concurrency 1 64 --out results/cpu/host_work.json
 """
 from __future__ import annotations
@@ -70,6 +75,103 @@ def decode_host_ms(engine, concurrency: int, osl: int, requests: int, temperatur
     return 1e3 * decode_s[0] / max(1, decode_steps[0])
 
 
+# The parts of an engine step that host_phases times (engine.py: _step): the scheduler; _launch,
+# made of the runner's forward, the sampler and the rest (scheduler bookkeeping, the copy of the
+# tokens to the host); _process, the previous step's tokens into text streams and responses.
+PARTS = ("schedule", "forward", "sample", "launch", "process")
+
+
+def host_phases(engine, workload, concurrency: int, temperature: float = 0.0) -> dict:
+    """Where the engine thread's host time goes, without a profiler's inflation: one closed loop with
+    timers around the parts of every step, per kind of step launched (`decode`: decode rows only,
+    the CUDA-graph path on a GPU; `mixed`: with a prompt chunk; `none`: nothing launched). Times
+    exclude the waits for the device, as the engine's host_s does. -> ms per step of each kind."""
+    from bench.engine_inproc import closed_loop
+
+    runner, sched = engine.runner, engine.scheduler
+    cur, kind, kinds, wrapped = dict.fromkeys(PARTS, 0.0), ["none"], {}, []
+
+    def timed(obj, name: str, part: str, classify: bool = False) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*args):
+            if classify:  # runner.forward(chunks, prev_tokens)
+                kind[0] = "decode" if all(c.n == 1 for c in args[0]) else "mixed"
+            t0, w0 = time.perf_counter(), engine._wait_s
+            try:
+                return fn(*args)
+            finally:
+                cur[part] += time.perf_counter() - t0 - (engine._wait_s - w0)
+        setattr(obj, name, wrapper)  # called as self.<name>(...): the instance attribute wins
+        wrapped.append((obj, name))
+
+    step = engine.step
+
+    def timed_step():
+        kind[0] = "none"
+        cur.update(dict.fromkeys(PARTS, 0.0))
+        t0, w0 = time.perf_counter(), engine._wait_s
+        step()
+        b = kinds.setdefault(kind[0], dict.fromkeys(("steps", "total", *PARTS), 0.0))
+        b["steps"] += 1
+        b["total"] += time.perf_counter() - t0 - (engine._wait_s - w0)
+        for p in PARTS:
+            b[p] += cur[p]
+
+    timed(sched, "schedule", "schedule")
+    timed(runner, "forward", "forward", classify=True)
+    timed(engine, "_sample", "sample")
+    timed(engine, "_launch", "launch")
+    timed(engine, "_process", "process")
+    engine.step = timed_step
+    wrapped.append((engine, "step"))
+    try:
+        r = closed_loop(engine, workload, concurrency, temperature=temperature)
+    finally:
+        for obj, name in wrapped:
+            delattr(obj, name)
+
+    def per_step(b: dict) -> dict:
+        n, ms = int(b["steps"]), lambda s: 1e3 * s / max(1, b["steps"])  # noqa: E731
+        return {"steps": n, "host_ms": ms(b["total"]), "schedule_ms": ms(b["schedule"]),
+                "forward_ms": ms(b["forward"]), "sample_ms": ms(b["sample"]),
+                "launch_other_ms": ms(b["launch"] - b["forward"] - b["sample"]), "process_ms": ms(b["process"]),
+                "step_other_ms": ms(b["total"] - b["schedule"] - b["launch"] - b["process"])}
+
+    total = {k: sum(b[k] for b in kinds.values()) for k in ("steps", "total", *PARTS)}
+    return {"concurrency": concurrency, "workload": r["workload"], "all": per_step(total),
+            "kinds": {k: per_step(b) for k, b in sorted(kinds.items())}}
+
+
+def host_profile(engine, workload, concurrency: int, top: int = 30) -> dict:
+    """Where the engine thread's host time goes: one closed loop with cProfile around every step
+    (on the engine thread). The profiler inflates Python time ~2x: read the shares, not the sums."""
+    import cProfile
+    import io
+    import pstats
+
+    from bench.engine_inproc import closed_loop
+
+    prof, step = cProfile.Profile(), engine.step
+
+    def profiled_step():
+        prof.enable()
+        try:
+            step()
+        finally:
+            prof.disable()
+    engine.step = profiled_step  # the loop calls self.step(): the instance attribute wins
+    try:
+        r = closed_loop(engine, workload, concurrency)
+    finally:
+        del engine.step
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return {"concurrency": concurrency, "workload": r["workload"], "steps": r["steps"],
+            "profiled_host_ms_per_step": r["host_ms_per_step"], "table": text.getvalue()}
+
+
+
 def argmax_ms(rows: int, vocab: int, number: int = 100, repeats: int = 7) -> float:
     """The sampler's greedy argmax over [rows, vocab] logits: part of host_ms_per_decode_step here, a
     kernel launch on a GPU (the no-op replays leave the logits on the CPU)."""
@@ -94,10 +196,11 @@ def run(concurrency: list[int], osl: int = 256, repeats: int = 3,
         try:
             decode_host_ms(engine, c, 32, c, temperature)  # warm-up
             ms = [decode_host_ms(engine, c, osl, 2 * c, temperature) for _ in range(repeats)]
+            phases = host_phases(engine, (16, osl), c, temperature)
         finally:
             engine.stop()
         level = {"concurrency": c, "host_ms_per_decode_step": statistics.median(ms), "repeats_ms": ms,
-                 "argmax_ms": argmax_ms(c, engine.runner.vocab_size)}
+                 "argmax_ms": argmax_ms(c, engine.runner.vocab_size), "phases": phases["kinds"]}
         print(json.dumps(level), flush=True)
         out["levels"].append(level)
     return out

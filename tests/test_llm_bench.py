@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.engine_inproc import closed_loop, host_profile, idle_ttft, idle_ttft_trace, per_token_gaps, prefill_step
+from bench.engine_inproc import closed_loop, idle_ttft, idle_ttft_trace, per_token_gaps, prefill_step
+from bench.host_work import host_phases, host_profile
 from bench.workloads import chat_lengths, lengths, parse_workload, requests_for
 from llm.engine import Engine
 from llm.settings import EngineSettings
@@ -65,6 +66,21 @@ def test_host_profile_names_the_engine_threads_functions_and_unwraps_step(engine
     assert r["concurrency"] == 2 and r["steps"] > 0 and r["profiled_host_ms_per_step"] > 0
     assert "_process" in r["table"] and "schedule" in r["table"]  # profiled on the engine thread
     assert "step" not in vars(engine)  # the class's step again
+
+
+def test_host_phases_split_each_step_by_kind_and_part_and_unwrap(engine):
+    r = host_phases(engine, (6, 7), concurrency=2)
+    decode, mixed = r["kinds"]["decode"], r["kinds"]["mixed"]
+    # 10 requests (a warm-up wave of 2, then 8): each one prompt step and six decode-only steps
+    assert mixed["steps"] >= 5 and decode["steps"] >= 30 and decode["steps"] > 3 * mixed["steps"]
+    assert r["all"]["steps"] == sum(k["steps"] for k in r["kinds"].values())
+    for k in (decode, mixed):
+        parts = [k[p] for p in ("schedule_ms", "forward_ms", "sample_ms", "launch_other_ms", "process_ms")]
+        assert min(parts) >= 0 and k["forward_ms"] > 0 and k["step_other_ms"] >= 0
+        assert sum(parts) + k["step_other_ms"] == pytest.approx(k["host_ms"])
+    assert mixed["forward_ms"] > decode["forward_ms"]  # a prompt chunk costs more than one token a row
+    assert not {"step", "_launch", "_sample", "_process"} & set(vars(engine))  # the wrappers are gone
+    assert "forward" not in vars(engine.runner) and "schedule" not in vars(engine.scheduler)
 
 
 @pytest.mark.parametrize("cached", [0, 16])
