@@ -260,8 +260,9 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next tokens [len(seqs)] on the device."""
         # min_tokens: EOS cannot be chosen before min_tokens tokens (unless EOS is ignored anyway).
+        # (The request's own settings first: num_out, a property, only for rows where EOS is held off.)
         early = [i for i, q in enumerate(seqs)
-                 if q.params.min_tokens and q.num_out < q.params.min_tokens and not q.params.ignore_eos]
+                 if q.params.min_tokens and not q.params.ignore_eos and q.num_out < q.params.min_tokens]
         if early and self.eos_ids:
             dev = logits.device
             logits[to_device(early, dev)[:, None], to_device(self.eos_ids, dev)] = float("-inf")
