@@ -15,6 +15,11 @@ gateway (in its event loop) and:
   again (the dead stub's /dev/shm region is left to the launcher's stop: see _heal);
 - counts restarts (`gateway_model_restarts_total{model,cause}`), logs each with its cause, and gives up
   after `max_restarts` within `restart_window_s`: the model then stays not ready rather than flapping.
+
+When tritonserver itself goes away (the launcher restarts it: serve/stack.py), a heal that fails
+meanwhile is not counted and waits for Triton; once Triton serves again (a new process, every model
+loaded afresh) the supervisor starts over: new stub baselines, no restart history, and the models it
+had marked down are reloaded and checked by their canaries.
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ class Supervisor:
         self.restarts: dict[str, deque] = {}
         self.healing: set[str] = set()
         self.gave_up: set[str] = set()
+        self.outages = 0  # Triton outages seen (Triton.outages): a new one means a new server process
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -78,20 +84,43 @@ class Supervisor:
             await asyncio.sleep(self.s.supervise_interval_s)
             if not (self.triton.ready and self.triton.discovered):
                 continue
+            if self.triton.outages != self.outages:
+                self._start_over()
             try:
-                await self._check_processes()
+                found = await self._check_processes()
                 if time.monotonic() >= next_canary:
                     next_canary = time.monotonic() + self.s.canary_interval_s
-                    await self._check_canaries()
+                    found += await self._check_canaries()
+                if found and not await self.triton.reachable():
+                    # tritonserver itself is gone (its stubs die with it): the launcher restarts it, and
+                    # once the gateway sees it ready again the supervisor starts over.
+                    log.warning("supervisor: triton unreachable; not restarting %s", sorted({m for m, _ in found}))
+                    continue
+                for model, cause in found:
+                    self._heal_soon(model, cause)
             except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
                 log.exception("supervisor check failed")
 
+    def _start_over(self) -> None:
+        """Triton serves again after an outage: a new process whose stubs are all new."""
+        self.outages = self.triton.outages
+        self.baseline.clear()
+        self.restarts.clear()
+        down = [m for m in self.triton.down if m not in self.healing and m not in self.triton.steps]
+        self.gave_up.clear()
+        log.warning("supervisor: triton serves again (outage %d): starting over; reloading %s",
+                    self.outages, sorted(down) or "nothing")
+        for model in down:
+            self._heal_soon(model, "tritonserver restarted")
+
     # ---- detection -----------------------------------------------------------------------------
 
-    async def _check_processes(self) -> None:
+    async def _check_processes(self) -> list[tuple[str, str]]:
+        """-> [(model, cause)] of the models whose stubs exited or stopped."""
         if not self.s.stub_shm_prefix:
-            return
+            return []
         stubs = await asyncio.to_thread(scan_stubs, self.s.stub_shm_prefix)
+        found = []
         for model, pids in stubs.items():
             if model in self.healing or model in self.gave_up:
                 continue
@@ -99,15 +128,18 @@ class Supervisor:
             stopped = [pid for pid, (state, _) in pids.items() if state == "T"]
             known = self.baseline.setdefault(model, alive)
             if known - alive:
-                self._heal_soon(model, "stub process exited")
+                found.append((model, "stub process exited"))
             elif stopped:
-                self._heal_soon(model, "stub process stopped")
+                found.append((model, "stub process stopped"))
             else:
                 self.baseline[model] = known | alive
         for model in set(self.baseline) - set(stubs) - self.healing - self.gave_up:
-            self._heal_soon(model, "stub process exited")  # every stub of the model is gone
+            found.append((model, "stub process exited"))  # every stub of the model is gone
+        return found
 
-    async def _check_canaries(self) -> None:
+    async def _check_canaries(self) -> list[tuple[str, str]]:
+        """-> [(model, cause)] of the models whose canary failed or hung (the stub's owner for a pipeline)."""
+        found = []
         models = [m for m in (*self.triton.llms, *self.triton.embedders) if not self.triton.down.get(m)]
         results = await asyncio.gather(*(self._canary(m) for m in models), return_exceptions=True)
         for model, error in zip(models, results):
@@ -122,8 +154,8 @@ class Supervisor:
                 cause = f"canary failed: {error}"
             if isinstance(error, APIError) and error.status == 503 and UNHEALTHY not in error.message:
                 continue  # overloaded or restarting: not a crash
-            for owner in self.owners(model, str(error)):
-                self._heal_soon(owner, cause)
+            found += [(owner, cause) for owner in self.owners(model, str(error))]
+        return found
 
     async def _canary(self, model: str) -> None:
         await asyncio.wait_for(self.triton.canary(model), timeout=self.s.hang_timeout_s)
@@ -177,6 +209,10 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001 - try again (counted: a model that never heals is given up)
             log.error("supervisor: restarting %s failed: %s", model, e)
             await asyncio.sleep(self.s.supervise_interval_s)
+            if not await self.triton.reachable():  # Triton itself is gone: not this model's failure
+                history.pop()
+                while not (await self.triton.reachable() and self.triton.ready):  # a new Triton serves
+                    await asyncio.sleep(self.s.supervise_interval_s)
             self.healing.discard(model)
             self.baseline.pop(model, None)
             self._heal_soon(model, f"restart failed: {e}")

@@ -34,6 +34,11 @@ log = logging.getLogger("gateway")
 LLM_INPUTS = {t.name for t in LLM_IO.inputs}
 TEXT_INPUT = LLM_IO.inputs[0].name
 TEXT_OUTPUT, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS = (t.name for t in LLM_IO.outputs)
+# The gRPC channel to Triton: tritonclient's message limits (its keepalive defaults are gRPC's), and
+# reconnecting within a second to a Triton the launcher restarted (gRPC's backoff grows to 120 s).
+CHANNEL_ARGS = [("grpc.max_send_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", grpcaio.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
 # Config data types whose KServe datatype name differs (TYPE_STRING is BYTES on the wire).
 DATATYPES = {"TYPE_STRING": "BYTES"}
 # gRPC status -> HTTP status for errors that carry one (unary calls).
@@ -120,10 +125,11 @@ class Triton:
         self._inflight: dict[str, dict[int, object]] = {}  # model -> {id: gRPC call or task} of requests in flight
         self._failed: dict[int, tuple[str, str]] = {}  # id of a request failed on purpose -> (reason, code)
         self.progress: dict[str, float] = {}  # model -> monotonic time of its last response through the gateway
+        self.outages = 0  # times Triton became unreachable after serving (e.g. restarted by the launcher)
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.client = grpcaio.InferenceServerClient(self.s.triton_grpc_url)
+        self.client = grpcaio.InferenceServerClient(self.s.triton_grpc_url, channel_args=CHANNEL_ARGS)
         await self.refresh()
         self._poller = asyncio.create_task(self._poll())
 
@@ -134,18 +140,34 @@ class Triton:
             await self.client.close()
 
     async def refresh(self) -> None:
-        """Ready = Triton is live and its models were discovered once it first said ready. After that,
-        Triton's own readiness is not used: with strict readiness it goes false while the supervisor
-        reloads one model, and per-model health is `down` (the supervisor's view)."""
+        """Ready = Triton is live and its models were discovered once it first said ready. While it
+        serves, Triton's own readiness is not used: with strict readiness it goes false while the
+        supervisor reloads one model, and per-model health is `down` (the supervisor's view). After an
+        outage (Triton unreachable: it died and the launcher restarts it) ready again only once Triton
+        says ready, i.e. every model loaded again."""
+        was, error = self.ready, None
         try:
             if not self.discovered:
                 if await self.client.is_server_ready():
                     await self.discover()
-            self.ready = self.discovered and await self.client.is_server_live()
+                self.ready = self.discovered and await self.client.is_server_live()
+            elif was:
+                self.ready = await self.client.is_server_live()
+            elif await self.client.is_server_ready():
+                self.ready = True
+                log.warning("triton ready again after outage %d", self.outages)
         except Exception as e:  # noqa: BLE001 - Triton not up (yet): not ready
-            if self.ready:
-                log.warning("triton not reachable: %s", e)
-            self.ready = False
+            self.ready, error = False, e
+        if was and not self.ready:
+            self.outages += 1
+            log.warning("triton not serving (outage %d): %s", self.outages, error or "not live")
+
+    async def reachable(self) -> bool:
+        """Triton answers (live) now; the gateway's `ready` follows it at the next poll."""
+        try:
+            return await self.client.is_server_live()
+        except Exception:  # noqa: BLE001 - gone or restarting
+            return False
 
     async def _poll(self) -> None:
         while True:

@@ -70,6 +70,9 @@ class ServerOptions:
     log_verbose: int = 0
     log_file: Path | None = None  # None: build/logs/tritonserver-<http_port>.log
     model_env: Path | None = None  # venv whose python3 the stub embeds; None: the launcher's own
+    # tritonserver exiting on its own is restarted (serve/stack.py) up to this many times within
+    # SERVER_RESTART_WINDOW_S, then the stack stops; 0: never restarted.
+    max_server_restarts: int = 5
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -184,18 +187,25 @@ class TritonServer(Started):
             raise SetupError("model repository is not ready:\n  " + "\n  ".join(map(str, problems)))
         return env, model_python.version
 
-    def start(self) -> "TritonServer":
+    def start(self, append_log: bool = False) -> "TritonServer":
         env, python_version = self.preflight()
         backends = environment.assemble_backends(python_version)
         args = server_args(self.options, backends, self.admin_token, self.shm_prefix)
         self.stopped_dead_instances = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "ab" if append_log else "wb")
         # Own process group: Ctrl-C in a terminal reaches the launcher only, which then stops the
         # server and (via the group) every stub process in order.
         self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return self
+
+    def restart(self, sleep=time.sleep) -> "TritonServer":
+        """After tritonserver exited on its own: remove what it left (stubs, /dev/shm regions), start it
+        again with the same options and ports (the log goes on in the same file), wait until ready."""
+        self.stop()
+        self.start(append_log=True)
+        return self.wait_ready(sleep=sleep)
 
     def is_ready(self) -> bool:
         try:
@@ -311,6 +321,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shm-default-byte-size", type=int, default=d.shm_default_byte_size)
     p.add_argument("--log-verbose", type=int, default=d.log_verbose)
     p.add_argument("--model-env", type=Path, default=d.model_env, help="venv the Python models run in (default: this one)")
+    p.add_argument("--max-server-restarts", type=int, default=d.max_server_restarts,
+                   help="restart tritonserver when it exits on its own, at most this many times within 10 minutes "
+                        "(0: never; the launcher then stops)")
     gateway_settings.add_arguments(p.add_argument_group("gateway (also GATEWAY_* environment variables)"),
                                    exclude=WIRED + ("port",))
 
@@ -327,6 +340,7 @@ def options_from_args(a: argparse.Namespace, extra: list[str]) -> ServerOptions:
         shm_default_byte_size=a.shm_default_byte_size,
         log_verbose=a.log_verbose,
         model_env=a.model_env,
+        max_server_restarts=a.max_server_restarts,
         extra_args=extra,
     )
 

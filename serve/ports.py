@@ -8,7 +8,12 @@ from serve.environment import SetupError
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR as servers bind (Triton's gRPC
+    and HTTP, uvicorn): a port held by a listener is taken, one left only with connections in
+    TIME_WAIT by a server that stopped or died is free (a plain bind refuses it for about a minute,
+    which would refuse a restart of tritonserver on its own ports)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

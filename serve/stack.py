@@ -29,6 +29,11 @@ from serve.environment import SetupError
 from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, log_tail
 from serve.ports import port_is_free, refuse_equal_ports
 
+# tritonserver exiting on its own (Triton 2.51's Python backend can abort the whole server, e.g.
+# boost::interprocess::lock_exception when a stub dies holding a shared-memory lock) is restarted by
+# the stack: checked this often, at most ServerOptions.max_server_restarts times within the window.
+SERVER_WATCH_INTERVAL_S = 0.5
+SERVER_RESTART_WINDOW_S = 600.0
 # Gateway settings the stack wires from the server's options (never taken from flags here).
 WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")
 SECRET_ENV = {"api_keys": "GATEWAY_API_KEYS"}  # passed by environment, never on a command line
@@ -159,6 +164,10 @@ class ServingStack(Started):
             # has nothing left to wait for: the whole stop stays within exit_timeout_secs + 5 s.
             shutdown_timeout_s=min(gateway.shutdown_timeout_s, max(o.exit_timeout_secs, 1))),
             Path(self.server.log_path).with_name(f"gateway-{gateway.port}.log"))
+        self.server_restarts = 0  # by the watcher, since start
+        self.server_gave_up: str | None = None  # why the watcher stopped restarting tritonserver
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # ---- endpoints: HTTP is the gateway's; the rest is Triton's
     @property
@@ -190,13 +199,65 @@ class ServingStack(Started):
         return self
 
     def wait_ready(self, sleep=time.sleep) -> "ServingStack":
-        """Triton ready, then the gateway started and ready. `sleep(t)` may raise to abort (signals)."""
+        """Triton ready, then the gateway started and ready, then Triton watched (restarted when it exits
+        on its own). `sleep(t)` may raise to abort (signals)."""
         self.server.wait_ready(sleep=sleep)
         self.gateway.start().wait_ready(sleep=sleep)
+        if self.server.options.max_server_restarts > 0:
+            self._watcher = threading.Thread(target=self._watch_server, name="tritonserver-watch", daemon=True)
+            self._watcher.start()
         return self
 
+    @property
+    def server_down(self) -> bool:
+        """tritonserver has exited and is not restarted (the stack should stop)."""
+        return self.server_gave_up is not None or (self._watcher is None and self.server.process.poll() is not None)
+
+    def _watch_server(self) -> None:
+        """Restart tritonserver when it exits on its own, on the same ports. Meanwhile the gateway answers
+        503 + Retry-After (Triton unreachable), then serves again once Triton is ready; its supervisor
+        starts afresh on the new stubs. Bounded: past max_server_restarts within the window it gives up."""
+        history: list[float] = []
+        limit = self.server.options.max_server_restarts
+
+        def sleep(t: float) -> None:
+            if self._stopping.wait(t):
+                raise Interrupted("stopping")
+
+        while not self._stopping.wait(SERVER_WATCH_INTERVAL_S):
+            code = self.server.process.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            history = [t for t in history if now - t < SERVER_RESTART_WINDOW_S]
+            if len(history) >= limit:
+                self.server_gave_up = (f"tritonserver exited (code {code}) after {len(history)} restarts within "
+                                       f"{SERVER_RESTART_WINDOW_S:.0f} s; not restarted again")
+                print(f"error: {self.server_gave_up}", file=sys.stderr, flush=True)
+                return
+            history.append(now)
+            self.server_restarts += 1
+            print(f"tritonserver exited (code {code}): restarting it on the same ports ({len(history)} of {limit} "
+                  f"within {SERVER_RESTART_WINDOW_S:.0f} s; the gateway answers 503 meanwhile). Its log ended:\n"
+                  f"{self.server.log_tail(15)}", file=sys.stderr, flush=True)
+            try:
+                self.server.restart(sleep=sleep)
+                print(f"tritonserver serves again after {time.monotonic() - now:.1f} s", file=sys.stderr, flush=True)
+            except Interrupted:
+                return
+            except SetupError as e:  # it died again or never got ready: the next round counts another restart
+                print(f"tritonserver restart failed: {e}", file=sys.stderr, flush=True)
+
+    def stop_watching(self) -> None:
+        """No restart of tritonserver from now on (before anything stops it on purpose)."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
+
     def stop(self) -> int | None:
-        """The gateway first (it drains: in-flight requests finish while Triton still serves), then Triton."""
+        """The watcher first, then the gateway (it drains: in-flight requests finish while Triton still
+        serves), then Triton."""
+        self.stop_watching()
         self.gateway.stop()
         return self.server.stop()
 
@@ -264,13 +325,15 @@ def serve_forever(options: ServerOptions, gateway: GatewaySettings, quiet: bool 
                              daemon=True).start()
         died = None
         while not signals.wait(0.5):
-            for name, p in (("tritonserver", stack.server.process), ("gateway", stack.gateway.process)):
-                if p.poll() is not None:
-                    died = name
+            if stack.gateway.process.poll() is not None:
+                died = "gateway"
+            elif stack.server_down:  # exited and not restarted (max_server_restarts)
+                died = "tritonserver"
             if died:
                 break
         stop_following.set()
         print(f"\nstopping{f' ({died} exited)' if died else ''} ...", flush=True)
+        stack.stop_watching()
         gateway_code = stack.gateway.stop()
         code = stack.server.stop()
         left = stack.server.stub_pids() + stack.server.shm_regions()

@@ -181,3 +181,27 @@ def test_injected_engine_fault_fails_that_request_only(stack, invariants):
         good = pool.submit(chat, stack)
     assert bad.result().status_code == 500 and "internal engine error" in bad.result().json()["error"]["message"]
     assert good.result().status_code == 200
+
+
+def test_tritonserver_killed_is_restarted_on_its_ports_and_every_model_serves_again(stack, invariants):
+    """Triton 2.51's Python backend can abort the whole server (boost::interprocess::lock_exception when
+    a stub dies holding a shared-memory lock: seen in this suite): the stack restarts it, the gateway
+    answers 503 + Retry-After meanwhile; then the invariants (golden outputs, gauges, /dev/shm)."""
+    models = (LLM, EMB, f"{EMB}_tokenize", f"{EMB}_pool", "minilm")
+    old, before, reloads = stack.server.process.pid, stack.server_restarts, sum(restarts(stack, m) for m in models)
+    t0 = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+    statuses, refused = [], None
+    while time.monotonic() - t0 < HEAL_S:
+        statuses.append(httpx.get(f"{stack.base_url}/health").status_code)
+        if statuses[-1] == 503 and refused is None:
+            refused = chat(stack, timeout=5)
+        if refused is not None and statuses[-1] == 200:
+            break
+        time.sleep(0.2)
+    assert refused is not None and refused.status_code == 503 and refused.headers["retry-after"], statuses
+    assert statuses[-1] == 200, f"not serving {HEAL_S} s after tritonserver was killed"
+    assert stack.server.process.pid != old and stack.server_restarts == before + 1
+    assert stack.server.process.poll() is None and not stack.server_down
+    time.sleep(2)  # the supervisor starts over on the new stubs: no model is reloaded for the old ones
+    assert sum(restarts(stack, m) for m in models) == reloads

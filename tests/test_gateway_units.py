@@ -7,6 +7,8 @@ import argparse
 import asyncio
 import os
 import signal
+import time
+from collections import deque
 
 import httpx
 import pytest
@@ -220,6 +222,15 @@ class ReloadingTriton:
 
     def __init__(self, fail: int):
         self.fail, self.down, self.dependents, self.reloads = fail, {}, {"step": {"pipeline"}}, 0
+        self.steps, self.outages, self.gone = {"pipeline": ["step"]}, 0, False
+        self.discovered, self.stale_ready, self.llms, self.embedders = True, False, {}, {}
+
+    @property
+    def ready(self):  # the gateway's view lags Triton's by up to a poll (stale_ready)
+        return not self.gone or self.stale_ready
+
+    async def reachable(self):
+        return not self.gone
 
     def mark_down(self, model, reason):
         self.down[model] = reason
@@ -265,6 +276,75 @@ def test_supervisor_gives_up_after_max_restarts_and_stays_down():
     t, sup = heal(fail=100, max_restarts=3)
     assert t.reloads == 3 and sup.gave_up == {"step"}
     assert "failed 3 times" in t.down["step"] and "not restarted again" in t.down["pipeline"]
+
+
+async def until_healed(sup) -> None:
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if not sup.healing:
+            return
+
+
+def test_supervisor_waits_out_a_triton_outage_without_counting_it():
+    """A reload that fails because tritonserver itself is gone (the launcher restarts it) is not the
+    model's failure: not counted toward max_restarts; the heal waits for Triton, then succeeds."""
+    from gateway.supervisor import Supervisor
+
+    async def go():
+        t = ReloadingTriton(fail=1)
+        t.gone = True
+        sup = Supervisor(S.replace(max_restarts=1, supervise_interval_s=0.01), t)
+        sup._heal_soon("step", "stub process exited")
+        await asyncio.sleep(0.2)
+        assert sup.healing == {"step"} and t.reloads == 1 and not sup.gave_up  # waiting for Triton
+        t.gone = False
+        await until_healed(sup)
+        return t, sup
+    t, sup = asyncio.run(go())
+    assert t.reloads == 2 and t.down == {} and not sup.gave_up
+
+
+def test_supervisor_starts_over_on_a_new_triton():
+    """After an outage Triton is a new process: stub baselines and restart history go, and a model it
+    had given up on is reloaded and serves again (the ensemble using it too)."""
+    from gateway.supervisor import Supervisor
+
+    async def go():
+        t = ReloadingTriton(fail=0)
+        sup = Supervisor(S.replace(max_restarts=1, supervise_interval_s=0.01), t)
+        sup.baseline, sup.gave_up, sup.restarts = {"step": {123}}, {"step"}, {"step": deque([time.monotonic()])}
+        t.mark_down("step", "model 'step' failed 1 times within 600 s and is not restarted again")
+        t.outages = 1
+        sup._start_over()
+        assert sup.outages == 1 and sup.baseline == {} and not sup.gave_up
+        await until_healed(sup)
+        return t, sup
+    t, sup = asyncio.run(go())
+    assert t.reloads == 1 and t.down == {}
+
+
+def test_supervisor_leaves_stubs_that_died_with_triton_to_the_launcher(monkeypatch):
+    """Stubs die with tritonserver: while Triton is unreachable (even before the gateway's next poll
+    notices) that is no model's crash, and nothing is reloaded; a stub dying under a live Triton is."""
+    from gateway import supervisor
+    from gateway.supervisor import Supervisor
+
+    monkeypatch.setattr(supervisor, "scan_stubs", lambda prefix: {})  # every stub gone
+
+    async def go():
+        t = ReloadingTriton(fail=0)
+        t.gone, t.stale_ready = True, True
+        sup = Supervisor(S.replace(supervise_interval_s=0.01, stub_shm_prefix="p_"), t)
+        sup.baseline = {"step": {123}}
+        sup.start()
+        await asyncio.sleep(0.2)
+        assert t.reloads == 0 and not sup.healing and t.down == {}
+        t.gone = False  # a live Triton, still without the stub: a crash
+        await asyncio.sleep(0.2)
+        await until_healed(sup)
+        await sup.close()
+        return t
+    assert asyncio.run(go()).reloads == 1
 
 
 def test_drain_answers_503_then_ends_what_is_still_in_flight():
