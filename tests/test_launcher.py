@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -232,3 +233,42 @@ def test_model_env_probe_reports_this_venv():
     model = environment.check_model_python(environment.server_env())
     assert model.version == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert model.numpy.startswith("1.")
+
+
+class DyingServer:
+    """What the stack's watcher needs of TritonServer: a process that has exited; each restart fails
+    (it died again) until `fail` restarts were tried, then it stays up."""
+
+    def __init__(self, fail: int, limit: int):
+        self.options, self.fail, self.restarts, self.up = ServerOptions(max_server_restarts=limit), fail, 0, False
+        self.process = self
+
+    def poll(self):
+        return None if self.up else -6
+
+    def log_tail(self, lines):
+        return "terminate called after throwing an instance of 'boost::interprocess::lock_exception'"
+
+    def restart(self, sleep):
+        self.restarts += 1
+        if self.restarts <= self.fail:
+            raise SetupError("tritonserver exited with code -6")
+        self.up = True
+
+
+@pytest.mark.parametrize("fail, limit, restarts, gave_up", [(1, 3, 2, False), (5, 3, 3, True)])
+def test_the_stack_restarts_a_dead_tritonserver_until_its_limit(monkeypatch, capsys, fail, limit, restarts, gave_up):
+    import serve.stack
+
+    monkeypatch.setattr(serve.stack, "SERVER_WATCH_INTERVAL_S", 0.01)
+    stack = ServingStack(server_options(Path("/nonexistent")), GatewaySettings(port=free_port()))
+    stack.server = DyingServer(fail, limit)
+    watcher = threading.Thread(target=stack._watch_server, daemon=True)
+    watcher.start()
+    time.sleep(0.3)
+    stack._stopping.set()
+    watcher.join(5)
+    assert stack.server.restarts == stack.server_restarts == restarts
+    assert (stack.server_gave_up is not None) == gave_up == stack.server_down
+    err = capsys.readouterr().err
+    assert "lock_exception" in err and ("not restarted again" in err) == gave_up
