@@ -171,7 +171,6 @@ def host_profile(engine, workload, concurrency: int, top: int = 30) -> dict:
             "profiled_host_ms_per_step": r["host_ms_per_step"], "table": text.getvalue()}
 
 
-
 def argmax_ms(rows: int, vocab: int, number: int = 100, repeats: int = 7) -> float:
     """The sampler's greedy argmax over [rows, vocab] logits: part of host_ms_per_decode_step here, a
     kernel launch on a GPU (the no-op replays leave the logits on the CPU)."""

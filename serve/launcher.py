@@ -38,6 +38,8 @@ STOPPED_LINE = "All models are stopped, unloading models"
 LIVE_MODELS = re.compile(r"Found [1-9][0-9]* live models and 0 in-flight non-inference requests")
 # How long Triton may go on waiting on live models without any stub process left before it is stopped.
 DEAD_INSTANCE_GRACE_S = 1.5
+# ServerOptions.max_server_restarts counts the restarts of tritonserver within this window.
+SERVER_RESTART_WINDOW_S = 600.0
 
 
 def default_admin_token() -> str:
@@ -322,8 +324,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-verbose", type=int, default=d.log_verbose)
     p.add_argument("--model-env", type=Path, default=d.model_env, help="venv the Python models run in (default: this one)")
     p.add_argument("--max-server-restarts", type=int, default=d.max_server_restarts,
-                   help="restart tritonserver when it exits on its own, at most this many times within 10 minutes "
-                        "(0: never; the launcher then stops)")
+                   help="restart tritonserver when it exits on its own, at most this many times within "
+                        f"{SERVER_RESTART_WINDOW_S / 60:.0f} minutes (0: never; the launcher then stops)")
     gateway_settings.add_arguments(p.add_argument_group("gateway (also GATEWAY_* environment variables)"),
                                    exclude=WIRED + ("port",))
 

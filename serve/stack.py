@@ -26,14 +26,13 @@ from gateway import settings as gateway_settings
 from gateway.settings import GatewaySettings
 from serve import paths
 from serve.environment import SetupError
-from serve.launcher import ADMIN_TOKEN_ENV, ServerOptions, Started, TritonServer, log_tail
+from serve.launcher import ADMIN_TOKEN_ENV, SERVER_RESTART_WINDOW_S, ServerOptions, Started, TritonServer, log_tail
 from serve.ports import port_is_free, refuse_equal_ports
 
 # tritonserver exiting on its own (Triton 2.51's Python backend can abort the whole server, e.g.
 # boost::interprocess::lock_exception when a stub dies holding a shared-memory lock) is restarted by
 # the stack: checked this often, at most ServerOptions.max_server_restarts times within the window.
 SERVER_WATCH_INTERVAL_S = 0.5
-SERVER_RESTART_WINDOW_S = 600.0
 # Gateway settings the stack wires from the server's options (never taken from flags here).
 WIRED = ("host", "triton_grpc_url", "triton_http_url", "model_repository", "admin_token", "stub_shm_prefix")
 SECRET_ENV = {"api_keys": "GATEWAY_API_KEYS"}  # passed by environment, never on a command line
