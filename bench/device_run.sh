@@ -19,6 +19,7 @@
 #   ready8b   server start-up of the 8B model (bench.ready_time; READY_ARGS="--cache DIR": a given cache)
 #   readyenc  the compiled MiniLM encoder's start-up, empty then warm compile cache
 #   hostprof  8B in process, 64 streams of 128:256: the engine thread's host work, then a cProfile of it
+#             (first the CPU harness bench.host_work on this host's CPU: the same Python, no GPU)
 #   sampled   8B in process, 1 and 64 streams of 128:256 sampling at temperature 0.7 (unseeded)
 #   budget    step_token_budget sweep: 64 streams of 2048:256 in process (BUDGETS="1024 2048 4096")
 set -uo pipefail
@@ -100,7 +101,8 @@ for s in "$@"; do
     ready8b) stage ready8b ${READY_TIMEOUT:-300} "$VPY" -m bench.ready_time --llm llama-3.1-8b --starts ${READY_STARTS:-2} \
                ${READY_ARGS:-} --out "$RES/ready_time_8b.json" ;;
     readyenc) stage readyenc ${READY_TIMEOUT:-420} "$VPY" -m bench.ready_time --encoder --starts 2 --out "$RES/ready_time_encoder.json" ;;
-    hostprof) stage hostprof 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
+    hostprof) stage hostcpu 90 "$VPY" -m bench.host_work --concurrency 1 64 --repeats 3 --out "$RES/host_work_cpu_harness.json"
+              stage hostprof 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
                 --concurrency 64 --host-profile 64 --set stream_interval=8 --out "$RES/host_profile_8b.json" ;;
     sampled) stage sampled 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
                --concurrency 1 64 --temperature 0.7 --set stream_interval=8 --out "$RES/ours_8b_sampled.json" ;;
