@@ -81,7 +81,7 @@ def decode_host_ms(engine, concurrency: int, osl: int, requests: int, temperatur
 PARTS = ("schedule", "forward", "sample", "launch", "process")
 
 
-def host_phases(engine, workload, concurrency: int, temperature: float = 0.0) -> dict:
+def host_phases(engine, workload, concurrency: int, temperature: float = 0.0, seed: int = 0) -> dict:
     """Where the engine thread's host time goes, without a profiler's inflation: one closed loop with
     timers around the parts of every step, per kind of step launched (`decode`: decode rows only,
     the CUDA-graph path on a GPU; `mixed`: with a prompt chunk; `none`: nothing launched). Times
@@ -126,7 +126,7 @@ def host_phases(engine, workload, concurrency: int, temperature: float = 0.0) ->
     engine.step = timed_step
     wrapped.append((engine, "step"))
     try:
-        r = closed_loop(engine, workload, concurrency, temperature=temperature)
+        r = closed_loop(engine, workload, concurrency, seed=seed, temperature=temperature)
     finally:
         for obj, name in wrapped:
             delattr(obj, name)
@@ -139,8 +139,38 @@ def host_phases(engine, workload, concurrency: int, temperature: float = 0.0) ->
                 "step_other_ms": ms(b["total"] - b["schedule"] - b["launch"] - b["process"])}
 
     total = {k: sum(b[k] for b in kinds.values()) for k in ("steps", "total", *PARTS)}
-    return {"concurrency": concurrency, "workload": r["workload"], "all": per_step(total),
+    return {"concurrency": concurrency, "workload": r["workload"], "seed": seed,
+            "loop": {k: r[k] for k in LOOP_KEYS}, "all": per_step(total),
             "kinds": {k: per_step(b) for k, b in sorted(kinds.items())}}
+
+
+LOOP_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "device_idle_ms_per_step")
+
+
+def prefill_ab(engine, workload, concurrency: int, repeats: int = 2, seed: int = 1000) -> list[dict]:
+    """Grouped prefill attention (llm/attention.py group_prefill) against every chunk attending alone, on
+    one engine, alternating, `repeats` rounds. Each variant runs `host_phases` twice on one fresh seed:
+    `fresh` (distinct prompts) and then `cached` (the same prompts again: each hits the prefix cache
+    for all its full blocks, so a wave's chunks are short and come in one step)."""
+    from llm import attention
+
+    grouped = attention.group_prefill
+    out = []
+    for rep in range(repeats):
+        for variant in ("alone", "grouped"):
+            if variant == "alone":
+                attention.group_prefill = lambda specs, bs: ([], list(range(len(specs))))  # noqa: E731
+            try:
+                s = seed + 10 * len(out)
+                for prompts in ("fresh", "cached"):
+                    r = host_phases(engine, workload, concurrency, seed=s)
+                    out.append({"variant": variant, "round": rep, "prompts": prompts, **r})
+                    mixed = r["kinds"].get("mixed", {})
+                    print(json.dumps({k: out[-1][k] for k in ("variant", "round", "prompts", "loop")}
+                                     | {"mixed_steps": mixed.get("steps"), "mixed_host_ms": mixed.get("host_ms")}), flush=True)
+            finally:
+                attention.group_prefill = grouped
+    return out
 
 
 def host_profile(engine, workload, concurrency: int, top: int = 30) -> dict:

@@ -86,6 +86,51 @@ def test_prefill_chunk_on_gpu_matches_naive_reference(dtype, start, n):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+def grouped_case(device="cpu", dtype=torch.float32):
+    """Chunks (start, n) of 7 sequences after 3 decode rows, fresh and after a cached prefix, with keys
+    in random blocks -> (q, k_cache, v_cache, specs [(offset, n, start, blocks)], block tables)."""
+    kc, vc = make_cache(128, dtype, device)
+    shapes = [(0, 7), (0, 2), (5, 6), (8, 9), (13, 2), (0, 20), (30, 3)]
+    bt = tables([start + n for start, n in shapes], 128)
+    specs, off = [], 3
+    for (start, n), row in zip(shapes, bt.tolist()):
+        specs.append((off, n, start, row[: -(-(start + n) // BS)]))
+        off += n
+    q = torch.randn(off, H, D).to(device, dtype)
+    return q, kc, vc, specs, bt.to(device)
+
+
+@pytest.mark.parametrize("device,dtype,tol", [
+    ("cpu", torch.float32, 1e-5),
+    pytest.param("cuda", torch.bfloat16, 2e-2, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_prefill_grouped_matches_naive_reference(device, dtype, tol):
+    q, kc, vc, specs, bt = grouped_case(device, dtype)
+    g = attention.prefill_group_inputs(specs, BS, H // KVH, torch.device(device))
+    y = torch.zeros_like(q)
+    y[g.dest] = attention.prefill_grouped(q, kc, vc, g, D**-0.5)
+    assert sorted(g.dest.tolist()) == list(range(3, q.shape[0]))
+    for (off, n, start, _), row in zip(specs, bt):
+        ref = naive(q[off : off + n], gather(kc, row, start + n), gather(vc, row, start + n))
+        torch.testing.assert_close(y[off : off + n].float(), ref, atol=tol, rtol=tol)
+
+
+def test_group_prefill_respects_its_caps_and_places_every_chunk_once(monkeypatch):
+    monkeypatch.setattr(attention, "GROUP_MAX_KEYS", 64)
+    monkeypatch.setattr(attention, "GROUP_MAX_SCORES", 64 * 24)
+    # (offset, n, start, blocks): a chunk too long to group, then short ones with growing keys
+    specs = [(0, attention.GROUP_MAX_QUERY + 1, 0, [1])] + [(0, n, s, [1]) for n, s in
+                                                              [(8, 0), (16, 0), (4, 8), (2, 30), (20, 10), (3, 0)]]
+    groups, alone = attention.group_prefill(specs, BS)
+    assert sorted(alone + [i for g in groups for i in g]) == list(range(len(specs)))
+    assert 0 in alone and all(len(g) >= 2 for g in groups) and groups
+    for g in groups:
+        q = max(specs[i][1] for i in g)
+        k = max(-(-(specs[i][1] + specs[i][2]) // BS) * BS for i in g)
+        assert len(g) * k <= attention.GROUP_MAX_KEYS and len(g) * q * k <= attention.GROUP_MAX_SCORES
+    assert attention.group_prefill(specs[:2], BS) == ([], [0, 1])  # nothing to group with
+
+
 def test_num_splits_fills_the_gpu_only_when_the_batch_does_not():
     assert attention.num_splits(1, 8, 132) == 16
     assert attention.num_splits(64, 8, 132) == 1

@@ -83,6 +83,31 @@ def test_host_phases_split_each_step_by_kind_and_part_and_unwrap(engine):
     assert "forward" not in vars(engine.runner) and "schedule" not in vars(engine.scheduler)
 
 
+def test_prefill_ab_alternates_the_variants_hits_the_cache_on_the_rerun_and_restores_grouping(engine):
+    from bench.host_work import prefill_ab
+    from llm import attention
+
+    grouped, calls = attention.group_prefill, []
+    hits = []
+
+    def counting(specs, bs):
+        calls.append(len(specs))
+        return grouped(specs, bs)
+    attention.group_prefill = counting
+    try:
+        sched = engine.scheduler
+        before = sched.prefix_hit
+        out = prefill_ab(engine, (40, 3), concurrency=2, repeats=1)
+        hits.append(sched.prefix_hit - before)
+    finally:
+        attention.group_prefill = grouped
+    assert [(r["variant"], r["prompts"]) for r in out] == [
+        ("alone", "fresh"), ("alone", "cached"), ("grouped", "fresh"), ("grouped", "cached")]
+    assert calls, "the grouped variant went through group_prefill"
+    assert hits[0] > 0 and all(r["loop"]["tokens_per_s"] > 0 for r in out)
+    assert out[0]["seed"] == out[1]["seed"] != out[2]["seed"] == out[3]["seed"]
+
+
 @pytest.mark.parametrize("cached", [0, 16])
 def test_prefill_step_times_a_chunk_after_a_cached_prefix(engine, cached):
     free = engine.pool.num_free

@@ -39,23 +39,31 @@ def test_mixed_prefill_graphs_without_graphs_runs_eagerly(checkpoint, reference)
     assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS]
 
 
-# budget 16: prompts split into chunks after the first (start > 0); the repeats hit the prefix cache.
-@pytest.mark.parametrize("seqs,budget", [(16, 16), (3, 512)])
-def test_fused_rope_attention_path_matches_transformers(checkpoint, reference, monkeypatch, seqs, budget):
+# budget 16: one chunk a step, each attending alone; prompts split into chunks after the first (start >
+# 0). Budget 512: a step's chunks attend as one group (attention.prefill_grouped). The repeats hit the
+# prefix cache either way.
+@pytest.mark.parametrize("seqs,budget,path", [(16, 16, "alone"), (3, 512, "grouped")])
+def test_fused_rope_attention_path_matches_transformers(checkpoint, reference, monkeypatch, seqs, budget, path):
     e = make_engine(checkpoint, max_seqs=seqs, max_context=256, step_token_budget=budget)
     emulate_fused_rope(e, monkeypatch)
     from llm import attention
 
-    prefill, starts = attention.prefill, []
+    prefill, group_inputs, starts = attention.prefill, attention.prefill_group_inputs, {"alone": [], "grouped": []}
 
     def counted(*args):
-        starts.append(args[6])  # the chunk's first position
+        starts["alone"].append(args[6])  # the chunk's first position
         return prefill(*args)
 
+    def counted_group(specs, *args):
+        starts["grouped"] += [start for _, _, start, _ in specs]
+        return group_inputs(specs, *args)
+
     monkeypatch.setattr(attention, "prefill", counted)
+    monkeypatch.setattr(attention, "prefill_group_inputs", counted_group)
     results = e.generate(PROMPTS * 2, SamplingParams(max_tokens=MAX_TOKENS))
     assert [r["text"] for r in results] == [reference[p][1] for p in PROMPTS * 2]
-    assert 0 in starts and any(start > 0 for start in starts) and e.scheduler.prefix_hit > 0
+    seen = starts[path]
+    assert 0 in seen and any(start > 0 for start in seen) and e.scheduler.prefix_hit > 0, starts
 
 
 # budget 5: prompts end in 1-token prefill chunks, so a decode step mixes known and in-flight tokens.

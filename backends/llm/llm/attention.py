@@ -13,12 +13,18 @@ head h uses kv head h // n_rep), D head_dim.
 - `prefill`: a chunk of one sequence's tokens [start, start + n): causal SDPA (flash attention on
   GPU) over the chunk alone when it starts the sequence, else over the gathered cached prefix + chunk
   with bottom-right causal alignment.
+- `prefill_grouped`: many short chunks of one step (each with or without a cached prefix) in one
+  padded SDPA call with an explicit mask, keys read from the cache (`group_prefill` picks the groups).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from llm.device import to_device
 
 try:  # OpenAI Triton ships with CUDA builds of torch; CPU-only hosts may lack it.
     import triton
@@ -65,6 +71,94 @@ def prefill(q, k, v, k_cache, v_cache, block_row, start: int, scale: float) -> t
     y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
                                        scale=scale, enable_gqa=H != KVH, **causal)  # [1, H, n, D]
     return y[0].transpose(0, 1)
+
+
+# Grouped prefill: a step's short prompt chunks attend in one padded call per layer instead of one call
+# each. Per call, the Python and launch overhead (~0.1 ms) times chunks x layers made prefill bound by the
+# host: 64 chunks of 16 tokens after a cached prefix took 235 ms of host work per step on the H100, for
+# ~25 ms of GPU work (results/gpu/engine_v2/notes.md, twelfth round). Long chunks keep `prefill` (flash
+# attention, no padding). Caps bound each group's padding and its transient memory:
+GROUP_MAX_QUERY = 256  # a chunk of more tokens attends alone
+GROUP_MAX_KEYS = 16384  # per group: chunks x the longest key length (the gathered keys and values)
+GROUP_MAX_SCORES = 1 << 20  # per group: chunks x longest chunk x longest key length (the mask)
+
+
+@dataclass
+class PrefillGroup:
+    """Prefill chunks of G sequences padded to one attention call (built once per step, read by every
+    layer). Q: the longest chunk; K: the longest key length in whole blocks; R: query heads per kv head."""
+
+    q_rows: torch.Tensor  # [G, Q] int64: each chunk's flat token rows, padded with its last row
+    key_slots: torch.Tensor  # [G, K] int64: each sequence's cache slots for positions 0..K-1 (block 0 past its table)
+    mask: torch.Tensor  # [G, 1, R * Q, K] bool: key j visible to query i: j <= start + i (pad rows: as the last)
+    src: torch.Tensor  # [T] int64: the real queries' rows in the call's flattened [G * Q] output
+    dest: torch.Tensor  # [T] int64: their flat token rows
+
+
+def group_prefill(chunks: list[tuple[int, int, int, list[int]]], block_size: int) -> tuple[list[list[int]], list[int]]:
+    """chunks: (offset, n, start, blocks) per prefill chunk -> (groups of >= 2 chunk indices, the indices
+    that attend alone). Chunks are taken shortest keys first so that a group pads little."""
+    groups, alone, cur = [], [], []
+    qmax = kmax = 0
+    for i in sorted(range(len(chunks)), key=lambda i: chunks[i][2] + chunks[i][1]):
+        _, n, start, _ = chunks[i]
+        k = -(-(start + n) // block_size) * block_size
+        if n > GROUP_MAX_QUERY or k > GROUP_MAX_KEYS or n * k > GROUP_MAX_SCORES:
+            alone.append(i)
+            continue
+        q2, k2 = max(qmax, n), max(kmax, k)
+        if cur and ((len(cur) + 1) * k2 > GROUP_MAX_KEYS or (len(cur) + 1) * q2 * k2 > GROUP_MAX_SCORES):
+            groups.append(cur)
+            cur, q2, k2 = [], n, k
+        cur.append(i)
+        qmax, kmax = q2, k2
+    groups.append(cur)
+    alone += [g[0] for g in groups if len(g) == 1]
+    return [g for g in groups if len(g) > 1], sorted(alone)
+
+
+def prefill_group_inputs(chunks: list[tuple[int, int, int, list[int]]], block_size: int, n_rep: int,
+                         device: torch.device) -> PrefillGroup:
+    """The index tensors and mask of one group of (offset, n, start, blocks) chunks."""
+    G = len(chunks)
+    Q = max(n for _, n, _, _ in chunks)
+    nb = max(len(b) for _, _, _, b in chunks)
+    info = to_device([c[i] for i in range(3) for c in chunks], device).view(3, G)  # offset, n, start
+    table = to_device([x for *_, b in chunks for x in b + [0] * (nb - len(b))], device).view(G, nb)
+    off, n, start = info[0], info[1], info[2]
+    qi = torch.minimum(torch.arange(Q, device=device)[None, :], n[:, None] - 1)  # [G, Q]
+    key_slots = (table[:, :, None] * block_size + torch.arange(block_size, device=device)).view(G, nb * block_size)
+    visible = torch.arange(nb * block_size, device=device) <= (start[:, None] + qi)[:, :, None]  # [G, Q, K]
+    src, dest = [], []
+    for g, (o, c, _, _) in enumerate(chunks):
+        src += range(g * Q, g * Q + c)
+        dest += range(o, o + c)
+    return PrefillGroup(off[:, None] + qi, key_slots, visible.repeat(1, n_rep, 1)[:, None],
+                        to_device(src, device), to_device(dest, device))
+
+
+def plan_prefill(chunks: list[tuple[int, int, int, list[int]]], block_size: int, n_rep: int,
+                 device: torch.device) -> tuple[list[PrefillGroup], list[tuple]]:
+    """A step's (offset, n, start, blocks) prefill chunks -> (their groups, the chunks that attend alone
+    as (offset, n, start, block row on the device)): model.Batch's `groups` and `chunks`."""
+    grouped, alone = group_prefill(chunks, block_size)
+    groups = [prefill_group_inputs([chunks[i] for i in g], block_size, n_rep, device) for g in grouped]
+    return groups, [(o, n, s, to_device(b, device)) for o, n, s, b in (chunks[i] for i in alone)]
+
+
+def prefill_grouped(q, k_cache, v_cache, g: PrefillGroup, scale: float) -> torch.Tensor:
+    """q [N, H, D] (the step's flat queries) -> [T, H, D] for the group's real query rows (g.dest order).
+    The R query heads of a kv head are folded into the query length, so any SDPA backend reads the KVH
+    heads as they are (no expanded copies), with the explicit mask."""
+    G, Q = g.q_rows.shape
+    _, H, D = q.shape
+    KVH = k_cache.shape[2]
+    R = H // KVH
+    qq = q[g.q_rows].view(G, Q, KVH, R, D).permute(0, 2, 3, 1, 4).reshape(G, KVH, R * Q, D)
+    kk = k_cache.view(-1, KVH, D)[g.key_slots].transpose(1, 2)  # [G, KVH, K, D]
+    vv = v_cache.view(-1, KVH, D)[g.key_slots].transpose(1, 2)
+    y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=g.mask, scale=scale)  # [G, KVH, R * Q, D]
+    return y.view(G, KVH, R, Q, D).permute(0, 3, 1, 2, 4).reshape(G * Q, H, D)[g.src]
 
 
 # ---------------------------------------------------------------------------------------------- Triton

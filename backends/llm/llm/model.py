@@ -94,13 +94,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Batch:
     """What one forward needs besides the tokens, all on the model's device. The N flat tokens are
     `num_decode` single-token rows (decode; attention by `block_table`/`seq_lens`) followed by the
-    prefill `chunks` (flat offset, length, first position, block-table row), which run eagerly."""
+    prefill chunks, which run eagerly: in `groups` (short chunks, one attention call per group) or in
+    `chunks` (flat offset, length, first position, block-table row; one call each)."""
 
     slots: torch.Tensor  # [N] int64: the flat cache slot each token's k/v is written to
     num_decode: int
     block_table: torch.Tensor | None  # [num_decode, nb] int32
     seq_lens: torch.Tensor | None  # [num_decode] int32: tokens in the cache after this step
-    chunks: list = field(default_factory=list)  # [(offset, n, start, block_row [nb] int64)]
+    chunks: list = field(default_factory=list)  # [(offset, n, start, block_row [nb] int64)]: each attends alone
+    groups: list = field(default_factory=list)  # [attention.PrefillGroup]: chunks attending in one call
 
 
 class Attention(nn.Module):
@@ -131,12 +133,14 @@ class Attention(nn.Module):
             k_cache.view(-1, KVH, D).index_copy_(0, batch.slots, k.to(k_cache.dtype))
             v_cache.view(-1, KVH, D).index_copy_(0, batch.slots, v.to(v_cache.dtype))
         nd = batch.num_decode
-        if not batch.chunks:  # decode only (the CUDA-graph case)
+        if not batch.chunks and not batch.groups:  # decode only (the CUDA-graph case)
             y = decode_attention(q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
         else:
             y = q.new_empty(N, H, D)
             if nd:
                 y[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale)
+            for g in batch.groups:  # keys and values from the cache, where this step's are written above
+                y[g.dest] = attention.prefill_grouped(q, k_cache, v_cache, g, self.scale)
             for off, n, start, row in batch.chunks:
                 sl = slice(off, off + n)
                 if k is not None:

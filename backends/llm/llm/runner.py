@@ -273,8 +273,9 @@ class ModelRunner:
         if decode:
             table = to_device(_padded_table(decode), dev)
             lens = to_device([c.start + 1 for c in decode], dev, torch.int32)
-        chunks = [(off, c.n, c.start, to_device(c.seq.blocks, dev)) for off, c in zip(offsets, prefill)]
-        batch = llm_model.Batch(to_device(slots, dev), len(decode), table, lens, chunks)
+        specs = [(off, c.n, c.start, c.seq.blocks) for off, c in zip(offsets, prefill)]
+        groups, chunks = attention.plan_prefill(specs, self.block_size, self.args.num_heads // self.args.num_kv_heads, dev)
+        batch = llm_model.Batch(to_device(slots, dev), len(decode), table, lens, chunks, groups)
         tok = to_device(tokens, dev)
         if flights:
             dst, src = zip(*flights)
