@@ -18,7 +18,8 @@
 #   eager8b   the decode sweep with compile=false (eager kernels in the graphs), against ours8b (compiled)
 #   ready8b   server start-up of the 8B model (bench.ready_time; READY_ARGS="--cache DIR": a given cache)
 #   readyenc  the compiled MiniLM encoder's start-up, empty then warm compile cache
-#   hostprof  8B in process, 64 streams of 128:256: the engine thread's host work, then a cProfile of it
+#   hostprof  8B in process, 64 streams of 128:256: the engine thread's host work, then a cProfile of it;
+#             host_phases at 1 stream too
 #             (first the CPU harness bench.host_work on this host's CPU: the same Python, no GPU)
 #   prefillab 8B in process, 64 streams of 128:256: grouped prefill attention vs each chunk alone
 #             (fresh prompts, then the same prompts again: prefix-cache hits), alternating, two rounds
@@ -105,7 +106,7 @@ for s in "$@"; do
     readyenc) stage readyenc ${READY_TIMEOUT:-420} "$VPY" -m bench.ready_time --encoder --starts 2 --out "$RES/ready_time_encoder.json" ;;
     hostprof) stage hostcpu 90 "$VPY" -m bench.host_work --concurrency 1 64 --repeats 3 --out "$RES/host_work_cpu_harness.json"
               stage hostprof 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
-                --concurrency 64 --host-profile 64 --set stream_interval=8 --out "$RES/host_profile_8b.json" ;;
+                --concurrency 64 --host-profile 64 --host-phases 1 --set stream_interval=8 --out "$RES/host_profile_8b.json" ;;
     prefillab) stage prefillab 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
                  --concurrency 64 --prefill-ab 64 --set stream_interval=8 --out "$RES/prefill_ab_8b.json" ;;
     sampled) stage sampled 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \

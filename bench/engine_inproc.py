@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-profile", type=int, default=0, metavar="C",
                     help="also time the engine thread's step phases, then cProfile it, over closed loops of the first "
                          "workload at C streams (bench/host_work.py)")
+    ap.add_argument("--host-phases", type=int, nargs="*", default=[], metavar="C",
+                    help="host_phases alone (no cProfile) at these stream counts too, over the first workload")
     ap.add_argument("--prefill-ab", type=int, default=0, metavar="C",
                     help="at C streams of the first workload: grouped prefill attention vs each chunk alone (host_work.prefill_ab)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine setting (llm/settings.py)")
@@ -361,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(out["host_phases"]), flush=True)
             out["host_profile"] = host_profile(engine, w, args.host_profile)
             print(out["host_profile"]["table"], flush=True)
+        if args.host_phases and args.workload:
+            from bench.host_work import host_phases
+
+            out["host_phases_at"] = [host_phases(engine, parse_workload(args.workload[0]), c) for c in args.host_phases]
+            for r in out["host_phases_at"]:
+                print(json.dumps(r), flush=True)
         if args.prefill_ab and args.workload:
             from bench.host_work import prefill_ab
 
