@@ -123,16 +123,21 @@ def test_llm_stub_killed_while_idle_heals_and_embeddings_keep_serving(stack, inv
 
 
 def test_llm_stub_killed_mid_stream_fails_the_stream_with_a_clear_error(stack, invariants):
-    events, done = [], threading.Event()
+    events, streaming, done = [], threading.Event(), threading.Event()
 
     def stream():
         body = {"model": LLM, "prompt": "Hello", "max_tokens": 256, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{stack.base_url}/v1/completions", json=body, timeout=60) as r:
-            events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    streaming.set()
         done.set()
 
     threading.Thread(target=stream, daemon=True).start()
-    time.sleep(0.3)
+    # Kill at the first streamed token: the tiny model writes all 256 in about 0.3 s on a fast host, so
+    # a fixed delay could let the stream finish before the kill.
+    assert streaming.wait(30), "the stream never started"
     t0 = time.monotonic()
     os.kill(stubs_of(stack, LLM)[0], signal.SIGKILL)
     assert done.wait(DETECT_S + 2), "the in-flight stream hung"
