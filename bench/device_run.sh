@@ -23,6 +23,7 @@
 #             (first the CPU harness bench.host_work on this host's CPU: the same Python, no GPU)
 #   prefillab 8B in process, 64 streams of 128:256: grouped prefill attention vs each chunk alone
 #             (fresh prompts, then the same prompts again: prefix-cache hits), alternating, two rounds
+#             (PREFILLAB_WORKLOAD=chat: the seeded chat-shaped length mix instead)
 #   sampled   8B in process, 1 and 64 streams of 128:256 sampling at temperature 0.7 (unseeded)
 #   budget    step_token_budget sweep: 64 streams of 2048:256 in process (BUDGETS="1024 2048 4096")
 set -uo pipefail
@@ -107,7 +108,7 @@ for s in "$@"; do
     hostprof) stage hostcpu 90 "$VPY" -m bench.host_work --concurrency 1 64 --repeats 3 --out "$RES/host_work_cpu_harness.json"
               stage hostprof 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
                 --concurrency 64 --host-profile 64 --host-phases 1 --set stream_interval=8 --out "$RES/host_profile_8b.json" ;;
-    prefillab) stage prefillab 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
+    prefillab) stage prefillab 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload ${PREFILLAB_WORKLOAD:-128:256} \
                  --concurrency 64 --prefill-ab 64 --set stream_interval=8 --out "$RES/prefill_ab_8b.json" ;;
     sampled) stage sampled 300 "$VPY" -m bench.engine_inproc --shape llama-3.1-8b --batches --workload 128:256 \
                --concurrency 1 64 --temperature 0.7 --set stream_interval=8 --out "$RES/ours_8b_sampled.json" ;;
