@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench import host_work
 from bench.baseline_hf import percentile
 from bench.workloads import lengths, parse_workload, requests_for
 
@@ -355,24 +356,19 @@ def main(argv: list[str] | None = None) -> None:
                 r = closed_loop(engine, w, c, args.requests, temperature=args.temperature)
                 print(json.dumps(r), flush=True)
                 out["levels"].append(r)
-        if args.host_profile and args.workload:
-            from bench.host_work import host_phases, host_profile
-
-            w = parse_workload(args.workload[0])
-            out["host_phases"] = host_phases(engine, w, args.host_profile)
+        # The host-work diagnostics (bench/host_work.py) run over the first workload.
+        first = parse_workload(args.workload[0]) if args.workload else None
+        if first and args.host_profile:
+            out["host_phases"] = host_work.host_phases(engine, first, args.host_profile)
             print(json.dumps(out["host_phases"]), flush=True)
-            out["host_profile"] = host_profile(engine, w, args.host_profile)
+            out["host_profile"] = host_work.host_profile(engine, first, args.host_profile)
             print(out["host_profile"]["table"], flush=True)
-        if args.host_phases and args.workload:
-            from bench.host_work import host_phases
-
-            out["host_phases_at"] = [host_phases(engine, parse_workload(args.workload[0]), c) for c in args.host_phases]
+        if first and args.host_phases:
+            out["host_phases_at"] = [host_work.host_phases(engine, first, c) for c in args.host_phases]
             for r in out["host_phases_at"]:
                 print(json.dumps(r), flush=True)
-        if args.prefill_ab and args.workload:
-            from bench.host_work import prefill_ab
-
-            out["prefill_ab"] = prefill_ab(engine, parse_workload(args.workload[0]), args.prefill_ab)
+        if first and args.prefill_ab:
+            out["prefill_ab"] = host_work.prefill_ab(engine, first, args.prefill_ab)
         out["idle_ttft"] = [idle_ttft(engine, isl) for isl in args.idle_ttft]
         for r in out["idle_ttft"]:
             print(json.dumps(r), flush=True)

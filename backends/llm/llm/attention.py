@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from llm.device import to_device
+from llm.kv_cache import NULL_BLOCK
 
 try:  # OpenAI Triton ships with CUDA builds of torch; CPU-only hosts may lack it.
     import triton
@@ -89,7 +90,7 @@ class PrefillGroup:
     layer). Q: the longest chunk; K: the longest key length in whole blocks; R: query heads per kv head."""
 
     q_rows: torch.Tensor  # [G, Q] int64: each chunk's flat token rows, padded with its last row
-    key_slots: torch.Tensor  # [G, K] int64: each sequence's cache slots for positions 0..K-1 (block 0 past its table)
+    key_slots: torch.Tensor  # [G, K] int64: each sequence's cache slots for positions 0..K-1 (NULL_BLOCK past its table)
     mask: torch.Tensor  # [G, 1, R * Q, K] bool: key j visible to query i: j <= start + i (pad rows: as the last)
     src: torch.Tensor  # [T] int64: the real queries' rows in the call's flattened [G * Q] output
     dest: torch.Tensor  # [T] int64: their flat token rows
@@ -124,7 +125,7 @@ def prefill_group_inputs(chunks: list[tuple[int, int, int, list[int]]], block_si
     Q = max(n for _, n, _, _ in chunks)
     nb = max(len(b) for _, _, _, b in chunks)
     info = to_device([c[i] for i in range(3) for c in chunks], device).view(3, G)  # offset, n, start
-    table = to_device([x for *_, b in chunks for x in b + [0] * (nb - len(b))], device).view(G, nb)
+    table = to_device([x for *_, b in chunks for x in b + [NULL_BLOCK] * (nb - len(b))], device).view(G, nb)
     off, n, start = info[0], info[1], info[2]
     qi = torch.minimum(torch.arange(Q, device=device)[None, :], n[:, None] - 1)  # [G, Q]
     key_slots = (table[:, :, None] * block_size + torch.arange(block_size, device=device)).view(G, nb * block_size)
